@@ -1,0 +1,252 @@
+"""Host snapshots (SPEC.md section 5): what one host's KVM lists, and the fleet's baseline.
+
+Stdlib only at import time: the hook and the arm64 lab load snapshots without jsonschema. The
+hand-written checks here and schemas/snapshot.schema.json agree (tests hold them together).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from hvcpolicy import catalogue as cat
+from hvcpolicy.errors import InvalidInput, bounded
+
+API_VERSION = "hvcpolicy/v1"
+KIND = "HostSnapshot"
+SOURCES = ("kvm", "qmp", "simulated", "baseline")
+DEFAULT_PATH = "/var/lib/hvcpolicy/host.json"
+_QEMU_VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?")
+_TAKEN = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+_FIELDS = {"apiVersion", "kind", "host", "kernel", "taken", "source", "qemu", "registers"}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    host: str
+    kernel: str
+    source: str
+    registers: dict[int, int] = field(hash=False)
+    taken: str | None = None
+    qemu: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "host": self.host,
+            "kernel": self.kernel,
+        }
+        if self.taken is not None:
+            doc["taken"] = self.taken
+        doc["source"] = self.source
+        if self.qemu is not None:
+            doc["qemu"] = self.qemu
+        doc["registers"] = {
+            cat.fmt_id(rid): cat.fmt_value(v) for rid, v in sorted(self.registers.items())
+        }
+        return doc
+
+    def register_key(self) -> tuple[tuple[tuple[int, int], ...], str | None]:
+        """What decides every verdict about this host: its registers and its QEMU."""
+        return tuple(sorted(self.registers.items())), self.qemu
+
+
+def qemu_version(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    m = _QEMU_VERSION.match(text)
+    if m is None:
+        return None
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+def parse_snapshot(doc: object, where: str) -> Snapshot:
+    """Check a decoded snapshot document; InvalidInput names the field at fault."""
+    if not isinstance(doc, dict):
+        raise InvalidInput("a host snapshot must be a JSON object", where)
+    for key in doc:
+        if key not in _FIELDS:
+            raise InvalidInput(f"unknown field {bounded(str(key), 60)!r}", where)
+    if doc.get("apiVersion") != API_VERSION:
+        raise InvalidInput(f"apiVersion: must be {API_VERSION!r}", where)
+    if doc.get("kind") != KIND:
+        raise InvalidInput(f"kind: must be {KIND!r}", where)
+    text: dict[str, str] = {}
+    for key in ("host", "kernel"):
+        value = doc.get(key)
+        if not isinstance(value, str) or not 0 < len(value) <= 256:
+            raise InvalidInput(f"{key}: must be a non-empty string (at most 256 chars)", where)
+        text[key] = value
+    source = doc.get("source")
+    if source not in SOURCES:
+        raise InvalidInput(f"source: must be one of {', '.join(SOURCES)}", where)
+    taken = doc.get("taken")
+    if taken is not None and (not isinstance(taken, str) or not _TAKEN.match(taken)):
+        raise InvalidInput("taken: must be an RFC 3339 date-time like 2026-11-24T23:00:00Z", where)
+    qemu = doc.get("qemu")
+    if qemu is not None and (
+        not isinstance(qemu, str) or len(qemu) > 64 or qemu_version(qemu) is None
+    ):
+        raise InvalidInput("qemu: must be a QEMU version like '7.2.0'", where)
+    regs = doc.get("registers")
+    if not isinstance(regs, dict):
+        raise InvalidInput("registers: must be an object of register id -> value", where)
+    registers: dict[int, int] = {}
+    for key, value in regs.items():
+        rid = cat.parse_regid(key)
+        if rid is None:
+            raise InvalidInput(
+                f"registers: {bounded(str(key), 40)!r} is not a firmware register id "
+                "(0x + 16 hex digits, coproc 0x14 or 0x16)",
+                where,
+            )
+        val = cat.parse_hex(value) if isinstance(value, str) else None
+        if val is None:
+            raise InvalidInput(
+                f"registers.{cat.fmt_id(rid)}: value must be a 0x-hex u64 string", where
+            )
+        if rid in registers:
+            raise InvalidInput(f"registers.{cat.fmt_id(rid)}: listed twice", where)
+        registers[rid] = val
+    return Snapshot(
+        host=text["host"],
+        kernel=text["kernel"],
+        source=str(source),
+        registers=registers,
+        taken=taken,
+        qemu=qemu,
+    )
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {bounded(key, 60)!r}")
+        out[key] = value
+    return out
+
+
+def decode_json(data: bytes, where: str) -> object:
+    """JSON with duplicate keys refused (the last one silently winning is how policies lie)."""
+    try:
+        return json.loads(data, object_pairs_hook=_reject_duplicates)
+    except RecursionError:
+        raise InvalidInput("JSON nested too deeply", where) from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InvalidInput(f"not valid JSON: {bounded(str(err), 120)}", where) from None
+
+
+MAX_FILE = 1 << 20
+
+
+def read_bounded(path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_FILE + 1)
+    except OSError as err:
+        raise InvalidInput(f"cannot read: {err.strerror}", path) from None
+    if len(data) > MAX_FILE:
+        raise InvalidInput(f"larger than {MAX_FILE} bytes", path)
+    return data
+
+
+def load_snapshot(path: str) -> Snapshot:
+    return parse_snapshot(decode_json(read_bounded(path), path), path)
+
+
+def dumps(snap: Snapshot) -> str:
+    return json.dumps(snap.to_json(), indent=2) + "\n"
+
+
+def save_snapshot(snap: Snapshot, path: str) -> None:
+    """Write atomically: a reader sees the old file or the new one, never a torn one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".host.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(dumps(snap))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# --- baseline ------------------------------------------------------------------------------
+
+
+def _meet_value(rid: int, a: int, b: int) -> int | None:
+    """The least-common value of one register on two hosts; None when there is none."""
+    kind = cat.kind_of(rid)
+    if kind is cat.Kind.BITMAP or kind is cat.Kind.UNKNOWN_BITMAP:
+        return a & b
+    if kind is cat.Kind.PSCI or kind is cat.Kind.WORKAROUND or kind is cat.Kind.WORKAROUND2:
+        return min(a, b)
+    # A firmware register the catalogue does not know has no known order: keep it only where
+    # every host agrees, so that a guest carrying it is never promised a host that differs.
+    return a if a == b else None
+
+
+def _kernel_order(kernel: str) -> tuple[tuple[int, int], str]:
+    from hvcpolicy.kernel import parse_version
+
+    return parse_version(kernel) or (0, 0), kernel
+
+
+def meet(a: Snapshot, b: Snapshot) -> Snapshot:
+    """The least-common snapshot of two: commutative, associative, idempotent on registers."""
+    regs: dict[int, int] = {}
+    for rid in a.registers.keys() & b.registers.keys():
+        value = _meet_value(rid, a.registers[rid], b.registers[rid])
+        if value is not None:
+            regs[rid] = value
+    qa, qb = qemu_version(a.qemu), qemu_version(b.qemu)
+    qemu = None
+    if qa is not None and qb is not None and a.qemu is not None and b.qemu is not None:
+        qemu = min((qa, a.qemu), (qb, b.qemu))[1]
+    kernel = min(a.kernel, b.kernel, key=_kernel_order)
+    return Snapshot(
+        host="baseline",
+        kernel=kernel,
+        source="baseline",
+        registers=dict(sorted(regs.items())),
+        qemu=qemu,
+    )
+
+
+def baseline(snaps: Iterable[Snapshot]) -> Snapshot:
+    """Registers on every host, bitmaps ANDed, lowest PSCI and mitigation levels.
+
+    Fleets have few distinct register sets: each distinct one is met once, so the cost is
+    linear in hosts and tiny in practice.
+    """
+    seen: dict[tuple[object, ...], Snapshot] = {}
+    for snap in snaps:
+        key = (snap.register_key(), snap.kernel)
+        if key not in seen:
+            seen[key] = snap
+    if not seen:
+        raise InvalidInput("baseline needs at least one snapshot")
+    items = iter(seen.values())
+    result = next(items)
+    result = meet(result, result)
+    for snap in items:
+        result = meet(result, snap)
+    return result
+
+
+def with_registers(snap: Snapshot, registers: Mapping[int, int]) -> Snapshot:
+    return replace(snap, registers=dict(registers))
