@@ -1,0 +1,356 @@
+"""The libvirt domain XML: hvcpolicy's ``<hvc:policy>`` metadata and the hook's QMP socket.
+
+Parsed with expat directly, streaming, because the hook reads this from libvirt on every stage
+and it may be hostile: DTDs and entity declarations are refused outright (no expansion, no
+external fetch), depth and sizes are bounded, and an hvcpolicy element we do not understand is an
+error rather than something silently skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from xml.parsers import expat
+from xml.sax.saxutils import quoteattr
+
+from hvcpolicy import XMLNS
+from hvcpolicy import catalogue as cat
+from hvcpolicy.errors import InvalidInput, bounded
+from hvcpolicy.policy import NAME_RE, FeatureKey, Mode, Unknown, parse_feature, key_text
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+_OUR_NS_PREFIX = "https://hvcpolicy.dev/"
+MAX_XML = 8 << 20
+MAX_DEPTH = 64
+MAX_ATTR = 4096
+
+
+@dataclass(frozen=True)
+class Applied:
+    """``<hvc:applied>``: every firmware register of the guest as hvcpolicy left it."""
+
+    host: str
+    kernel: str
+    at: str
+    registers: dict[int, int] = field(hash=False)
+
+
+@dataclass(frozen=True)
+class DomainPolicy:
+    """``<hvc:policy>``: which operator policy, how the domain narrows it, and runtime hints."""
+
+    ref: str
+    features: dict[FeatureKey, Mode] = field(default_factory=dict, hash=False)
+    unknown: Unknown | None = None
+    psci: int | None = None
+    qmp_socket: str | None = None
+    resume_after_apply: bool = False
+    applied: Applied | None = None
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    uuid: str
+    meta: DomainPolicy | None
+    commandline_qmp: str | None = None  # a unix QMP socket from <qemu:commandline>
+
+    @property
+    def qmp_socket(self) -> str | None:
+        if self.meta is not None and self.meta.qmp_socket:
+            return self.meta.qmp_socket
+        return self.commandline_qmp
+
+
+_QMP_UNIX = re.compile(r"^unix:([^,]+)")
+
+
+def qmp_from_args(args: list[str]) -> str | None:
+    """The first unix QMP socket in a QEMU argv (``-qmp unix:P,...`` or a chardev + ``-mon``)."""
+    chardevs: dict[str, str] = {}
+    monitors: list[str] = []
+    for i, arg in enumerate(args[:-1]):
+        value = args[i + 1]
+        if arg in ("-qmp", "--qmp"):
+            m = _QMP_UNIX.match(value)
+            if m:
+                return m.group(1)
+        elif arg == "-chardev" and value.startswith("socket,"):
+            opts = dict(o.split("=", 1) for o in value.split(",")[1:] if "=" in o)
+            if "id" in opts and "path" in opts:
+                chardevs[opts["id"]] = opts["path"]
+        elif arg == "-mon":
+            opts = dict(o.split("=", 1) for o in value.split(",") if "=" in o)
+            if opts.get("mode") == "control" and "chardev" in opts:
+                monitors.append(opts["chardev"])
+    for mon in monitors:
+        if mon in chardevs:
+            return chardevs[mon]
+    return None
+
+
+class _Handler:
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.stack: list[str] = []
+        self.domain_depth: int | None = None
+        self.name = ""
+        self.uuid = ""
+        self.text: list[str] | None = None
+        self.policy_attrs: dict[str, str] | None = None
+        self.policies = 0
+        self.children: list[tuple[str, dict[str, str]]] = []
+        self.applied_registers: list[dict[str, str]] = []
+        self.in_applied = False
+        self.qemu_args: list[str] = []
+
+    def fail(self, message: str) -> None:
+        raise InvalidInput(message, self.where)
+
+    def start(self, tag: str, attrs: dict[str, str]) -> None:
+        depth = len(self.stack)
+        if depth >= MAX_DEPTH:
+            self.fail(f"XML nested deeper than {MAX_DEPTH} elements")
+        for key, value in attrs.items():
+            if len(value) > MAX_ATTR:
+                self.fail(f"attribute {bounded(key, 40)} longer than {MAX_ATTR} characters")
+        ns, _, local = tag.rpartition(" ")
+        self.stack.append(tag)
+        if self.domain_depth is None:
+            if local == "domain" and not ns and depth <= 1:
+                self.domain_depth = depth
+            return
+        rel = depth - self.domain_depth
+        if rel == 1 and local in ("name", "uuid") and not ns:
+            self.text = []
+            return
+        if ns == XMLNS:
+            self._hvc(rel, local, attrs)
+        elif ns.startswith(_OUR_NS_PREFIX):
+            self.fail(f"unsupported hvcpolicy namespace {bounded(ns, 80)!r} (expected {XMLNS})")
+        elif ns == QEMU_NS and local == "arg" and rel == 2:
+            parent = self.stack[-2]
+            if parent == f"{QEMU_NS} commandline":
+                self.qemu_args.append(attrs.get("value", ""))
+
+    def _hvc(self, rel: int, local: str, attrs: dict[str, str]) -> None:
+        parent = self.stack[-2].rpartition(" ")[2] if len(self.stack) >= 2 else ""
+        if local == "policy":
+            if rel != 2 or parent != "metadata":
+                self.fail("<hvc:policy> must be a child of the domain's <metadata>")
+            self.policies += 1
+            if self.policies > 1:
+                self.fail("more than one <hvc:policy> element")
+            self.policy_attrs = dict(attrs)
+            return
+        if self.policy_attrs is None or self.stack[-2] != f"{XMLNS} policy" and not self.in_applied:
+            self.fail(f"<hvc:{bounded(local, 40)}> outside <hvc:policy>")
+        if self.in_applied:
+            if local != "register" or rel != 4:
+                self.fail(f"<hvc:{bounded(local, 40)}> is not allowed inside <hvc:applied>")
+            self.applied_registers.append(dict(attrs))
+            return
+        if local not in ("feature", "unknown", "psci", "qmp", "resume", "applied"):
+            self.fail(f"unknown element <hvc:{bounded(local, 40)}> in <hvc:policy>")
+        if local == "applied":
+            if any(c[0] == "applied" for c in self.children):
+                self.fail("more than one <hvc:applied> element")
+            self.in_applied = True
+        self.children.append((local, dict(attrs)))
+
+    def end(self, tag: str) -> None:
+        self.stack.pop()
+        depth = len(self.stack)
+        if self.domain_depth is not None and depth == self.domain_depth + 1 and self.text is not None:
+            local = tag.rpartition(" ")[2]
+            value = "".join(self.text).strip()
+            if local == "name":
+                self.name = value
+            else:
+                self.uuid = value
+            self.text = None
+        if tag == f"{XMLNS} applied":
+            self.in_applied = False
+
+    def chars(self, data: str) -> None:
+        if self.text is not None:
+            self.text.append(data)
+
+
+def _refuse_dtd(*_: object) -> None:
+    raise InvalidInput("DTDs and entity declarations are not allowed")
+
+
+def parse_domain(xml: str | bytes, where: str = "domain XML") -> Domain:
+    """Parse a domain XML (a ``<domain>``, or one wrapped as libvirt's status XML)."""
+    if len(xml) > MAX_XML:
+        raise InvalidInput(f"domain XML larger than {MAX_XML} bytes", where)
+    h = _Handler(where)
+    p = expat.ParserCreate(namespace_separator=" ")
+    p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    p.StartDoctypeDeclHandler = _refuse_dtd
+    p.EntityDeclHandler = _refuse_dtd
+    p.UnparsedEntityDeclHandler = _refuse_dtd
+    p.ExternalEntityRefHandler = _refuse_dtd  # type: ignore[assignment]
+    p.StartElementHandler = h.start
+    p.EndElementHandler = h.end
+    p.CharacterDataHandler = h.chars
+    p.buffer_text = True
+    try:
+        p.Parse(xml, True)
+    except InvalidInput as err:
+        if err.where is None:
+            raise InvalidInput(err.message, where) from None
+        raise
+    except expat.ExpatError as err:
+        raise InvalidInput(f"not well-formed XML: {expat.errors.messages[err.code]} "
+                           f"(line {err.lineno})", where) from None
+    except RecursionError:
+        raise InvalidInput("XML nested too deeply", where) from None
+    if h.domain_depth is None:
+        raise InvalidInput("no <domain> element", where)
+    meta = None if h.policy_attrs is None else _build_policy(h, where)
+    return Domain(
+        name=h.name,
+        uuid=h.uuid,
+        meta=meta,
+        commandline_qmp=qmp_from_args(h.qemu_args),
+    )
+
+
+def _attr(attrs: dict[str, str], name: str, element: str, where: str) -> str:
+    value = attrs.get(name)
+    if value is None:
+        raise InvalidInput(f"<hvc:{element}> needs the attribute {name!r}", where)
+    return value
+
+
+def _build_policy(h: _Handler, where: str) -> DomainPolicy:
+    assert h.policy_attrs is not None
+    for key in h.policy_attrs:
+        if key != "ref":
+            raise InvalidInput(f"<hvc:policy> has an unknown attribute {bounded(key, 40)!r}", where)
+    ref = _attr(h.policy_attrs, "ref", "policy", where)
+    if not NAME_RE.match(ref):
+        raise InvalidInput(f"<hvc:policy ref>: {bounded(ref, 80)!r} is not a policy name", where)
+    features: dict[FeatureKey, Mode] = {}
+    unknown = None
+    psci = None
+    qmp = None
+    resume = False
+    applied = None
+    seen: set[str] = set()
+    for local, attrs in h.children:
+        if local in ("unknown", "psci", "qmp", "resume") and local in seen:
+            raise InvalidInput(f"more than one <hvc:{local}> element", where)
+        seen.add(local)
+        if local == "feature":
+            name = _attr(attrs, "name", local, where)
+            mode = _attr(attrs, "mode", local, where)
+            field_ = f"<hvc:feature name={bounded(name, 60)!r}>"
+            if mode not in ("allow", "deny", "require"):
+                raise InvalidInput(f"{field_}: mode must be allow, deny or require", where)
+            problems: list[str] = []
+            parsed = parse_feature(name, mode, problems)
+            if parsed is None:
+                raise InvalidInput(f"{field_}: {problems[0].split(': ', 1)[1]}", where)
+            if parsed[0] in features:
+                raise InvalidInput(f"{field_}: named twice", where)
+            features[parsed[0]] = parsed[1]
+        elif local == "unknown":
+            mode = _attr(attrs, "mode", local, where)
+            try:
+                unknown = Unknown(mode)
+            except ValueError:
+                raise InvalidInput(
+                    f"<hvc:unknown mode>: {bounded(mode, 40)!r} is not deny, allow or refuse", where
+                ) from None
+        elif local == "psci":
+            version = _attr(attrs, "version", local, where)
+            psci = cat.psci_parse(version)
+            if psci is None or psci not in (cat.PSCI_0_1, *cat.PSCI_VERSIONS_0_2_AND_LATER):
+                raise InvalidInput(
+                    f"<hvc:psci version>: {bounded(version, 40)!r} is not a PSCI version KVM "
+                    "implements",
+                    where,
+                )
+        elif local == "qmp":
+            qmp = _attr(attrs, "socket", local, where)
+            if not qmp.startswith("/") or "\0" in qmp or len(qmp) > 107:
+                raise InvalidInput(
+                    "<hvc:qmp socket>: must be an absolute path of at most 107 bytes", where
+                )
+        elif local == "resume":
+            after = _attr(attrs, "after", local, where)
+            if after != "apply":
+                raise InvalidInput('<hvc:resume after>: only "apply" is defined', where)
+            resume = True
+        elif local == "applied":
+            applied = _build_applied(attrs, h.applied_registers, where)
+    return DomainPolicy(
+        ref=ref,
+        features=features,
+        unknown=unknown,
+        psci=psci,
+        qmp_socket=qmp,
+        resume_after_apply=resume,
+        applied=applied,
+    )
+
+
+def _build_applied(attrs: dict[str, str], regs: list[dict[str, str]], where: str) -> Applied:
+    registers: dict[int, int] = {}
+    for reg in regs:
+        rid_text = _attr(reg, "id", "register", where)
+        rid = cat.parse_regid(rid_text)
+        if rid is None:
+            raise InvalidInput(
+                f"<hvc:register id>: {bounded(rid_text, 40)!r} is not a firmware register id",
+                where,
+            )
+        value = cat.parse_hex(_attr(reg, "value", "register", where))
+        if value is None:
+            raise InvalidInput(
+                f"<hvc:register id={cat.fmt_id(rid)!r}>: value must be a 0x-hex u64", where
+            )
+        if rid in registers:
+            raise InvalidInput(f"<hvc:register id={cat.fmt_id(rid)!r}>: listed twice", where)
+        registers[rid] = value
+    return Applied(
+        host=attrs.get("host", ""),
+        kernel=attrs.get("kernel", ""),
+        at=attrs.get("at", ""),
+        registers=registers,
+    )
+
+
+def render_policy(meta: DomainPolicy) -> str:
+    """The ``<hvc:policy>`` element for ``setMetadata`` (which replaces it whole)."""
+    out = [f'<hvc:policy xmlns:hvc="{XMLNS}" ref={quoteattr(meta.ref)}>']
+    for key, mode in meta.features.items():
+        out.append(f"  <hvc:feature name={quoteattr(key_text(key))} mode={quoteattr(mode.value)}/>")
+    if meta.unknown is not None:
+        out.append(f"  <hvc:unknown mode={quoteattr(meta.unknown.value)}/>")
+    if meta.psci is not None:
+        out.append(f"  <hvc:psci version={quoteattr(cat.psci_text(meta.psci))}/>")
+    if meta.qmp_socket is not None:
+        out.append(f"  <hvc:qmp socket={quoteattr(meta.qmp_socket)}/>")
+    if meta.resume_after_apply:
+        out.append('  <hvc:resume after="apply"/>')
+    if meta.applied is not None:
+        a = meta.applied
+        out.append(
+            f"  <hvc:applied host={quoteattr(a.host)} kernel={quoteattr(a.kernel)} "
+            f"at={quoteattr(a.at)}>"
+        )
+        for rid, value in sorted(a.registers.items()):
+            out.append(
+                f'    <hvc:register id="{cat.fmt_id(rid)}" value="{cat.fmt_value(value)}"/>'
+            )
+        out.append("  </hvc:applied>")
+    out.append("</hvc:policy>")
+    return "\n".join(out)
+
+
+def with_applied(meta: DomainPolicy, applied: Applied) -> DomainPolicy:
+    return replace(meta, applied=applied)
