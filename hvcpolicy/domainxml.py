@@ -16,7 +16,7 @@ from xml.sax.saxutils import quoteattr
 from hvcpolicy import XMLNS
 from hvcpolicy import catalogue as cat
 from hvcpolicy.errors import InvalidInput, bounded
-from hvcpolicy.policy import NAME_RE, FeatureKey, Mode, Unknown, parse_feature, key_text
+from hvcpolicy.policy import NAME_RE, FeatureKey, Mode, Unknown, key_text, parse_feature
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 _OUR_NS_PREFIX = "https://hvcpolicy.dev/"
@@ -143,7 +143,9 @@ class _Handler:
                 self.fail("more than one <hvc:policy> element")
             self.policy_attrs = dict(attrs)
             return
-        if self.policy_attrs is None or self.stack[-2] != f"{XMLNS} policy" and not self.in_applied:
+        if self.policy_attrs is None or (
+            self.stack[-2] != f"{XMLNS} policy" and not self.in_applied
+        ):
             self.fail(f"<hvc:{bounded(local, 40)}> outside <hvc:policy>")
         if self.in_applied:
             if local != "register" or rel != 4:
@@ -161,7 +163,11 @@ class _Handler:
     def end(self, tag: str) -> None:
         self.stack.pop()
         depth = len(self.stack)
-        if self.domain_depth is not None and depth == self.domain_depth + 1 and self.text is not None:
+        if (
+            self.domain_depth is not None
+            and depth == self.domain_depth + 1
+            and self.text is not None
+        ):
             local = tag.rpartition(" ")[2]
             value = "".join(self.text).strip()
             if local == "name":
@@ -203,8 +209,9 @@ def parse_domain(xml: str | bytes, where: str = "domain XML") -> Domain:
             raise InvalidInput(err.message, where) from None
         raise
     except expat.ExpatError as err:
-        raise InvalidInput(f"not well-formed XML: {expat.errors.messages[err.code]} "
-                           f"(line {err.lineno})", where) from None
+        raise InvalidInput(
+            f"not well-formed XML: {expat.errors.messages[err.code]} (line {err.lineno})", where
+        ) from None
     except RecursionError:
         raise InvalidInput("XML nested too deeply", where) from None
     if h.domain_depth is None:
@@ -344,9 +351,7 @@ def render_policy(meta: DomainPolicy) -> str:
             f"at={quoteattr(a.at)}>"
         )
         for rid, value in sorted(a.registers.items()):
-            out.append(
-                f'    <hvc:register id="{cat.fmt_id(rid)}" value="{cat.fmt_value(value)}"/>'
-            )
+            out.append(f'    <hvc:register id="{cat.fmt_id(rid)}" value="{cat.fmt_value(value)}"/>')
         out.append("  </hvc:applied>")
     out.append("</hvc:policy>")
     return "\n".join(out)

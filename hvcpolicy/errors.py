@@ -1,14 +1,14 @@
 """Every exception hvcpolicy raises on purpose, and the exit code each maps to.
 
-    HvcError                      exit 1 (a bug, if it ever escapes uncaught)
-    ├── UsageError                exit 2  bad command line
-    ├── Refused                   exit 3  the policy says no (start, migration, write)
-    ├── InvalidInput              exit 4  a file, XML or field is malformed or means nothing
-    └── Unavailable               exit 5  QEMU, libvirt or the host unreachable or lacking an interface
-        ├── QMPError              ... a QMP exchange failed; carries what was sent and what came back
-        │   └── QMPTimeout        ... a bounded wait ran out
-        ├── InterfaceMissing      ... QEMU has no kvm-firmware-registers property
-        └── KVMUnavailable        ... no arm64 KVM on this host
+    HvcError                  exit 1  a bug, if it ever escapes uncaught
+    ├── UsageError            exit 2  bad command line
+    ├── Refused               exit 3  the policy says no (start, migration, write)
+    ├── InvalidInput          exit 4  a file, XML or field is malformed or means nothing
+    └── Unavailable           exit 5  QEMU, libvirt or the host unreachable or lacking an interface
+        ├── QMPError          ... a QMP exchange failed; carries what was sent and what came back
+        │   └── QMPTimeout    ... a bounded wait ran out
+        ├── InterfaceMissing  ... QEMU has no kvm-firmware-registers property
+        └── KVMUnavailable    ... no arm64 KVM on this host
 
 Messages are one line and name the file, field, register or feature at fault.
 """

@@ -29,10 +29,7 @@ _TIGHTER: dict[Mode | Unknown, frozenset[Mode]] = {
 
 def _operator_mode(policy: Policy, key: FeatureKey) -> Mode | Unknown:
     rid, bit = key
-    if bit is None:
-        mode = policy.features.get(key)
-    else:
-        mode = policy.mode_of(rid, bit)
+    mode = policy.features.get(key) if bit is None else policy.mode_of(rid, bit)
     return mode if mode is not None else policy.unknown
 
 

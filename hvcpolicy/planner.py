@@ -33,7 +33,7 @@ class FeatureView:
     bit: int
     mode: str  # allow | deny | require | unnamed (unknown: X)
     offered: bool | None  # None: the host lacks the whole register
-    visible: bool
+    visible: bool | None  # None: no register gates it, so whatever the kernel implements shows
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -44,7 +44,7 @@ class FeatureView:
             "host": "missing-register"
             if self.offered is None
             else ("offers" if self.offered else "lacks"),
-            "guest_sees": self.visible,
+            "guest_sees": "uncontrolled" if self.visible is None else self.visible,
         }
 
 
@@ -123,12 +123,15 @@ def plan_start(
         value = registers[rid]
         kind = cat.kind_of(rid)
         if kind is Kind.BITMAP or kind is Kind.UNKNOWN_BITMAP:
-            if kind is Kind.UNKNOWN_BITMAP and policy.unknown is Unknown.REFUSE:
-                if not policy.names_register(rid):
-                    refusals.append(
-                        f"host has register {cat.fmt_id(rid)}, which policy {policy.name!r} "
-                        "does not name (unknown: refuse)"
-                    )
+            if (
+                kind is Kind.UNKNOWN_BITMAP
+                and policy.unknown is Unknown.REFUSE
+                and not policy.names_register(rid)
+            ):
+                refusals.append(
+                    f"host has register {cat.fmt_id(rid)}, which policy {policy.name!r} "
+                    "does not name (unknown: refuse)"
+                )
             plan.target[rid] = _bitmap_target(policy, rid, value, refusals, views)
         elif kind is Kind.PSCI and policy.psci is not None:
             accepted = psci_accepted(policy.psci, model.psci_newest)
@@ -141,32 +144,53 @@ def plan_start(
                 )
         else:
             plan.target[rid] = value
-            if kind is Kind.UNKNOWN_FW and policy.unknown is Unknown.REFUSE:
-                if not policy.names_register(rid):
-                    refusals.append(
-                        f"host has register {cat.fmt_id(rid)}, which policy {policy.name!r} "
-                        "does not name (unknown: refuse)"
-                    )
+            if (
+                kind is Kind.UNKNOWN_FW
+                and policy.unknown is Unknown.REFUSE
+                and not policy.names_register(rid)
+            ):
+                refusals.append(
+                    f"host has register {cat.fmt_id(rid)}, which policy {policy.name!r} "
+                    "does not name (unknown: refuse)"
+                )
 
+    missing_denied: set[int] = set()
     for feature in cat.FEATURES.values():
         rid, bit = feature.register, feature.bit
         allowed, how = _allowed(policy, rid, bit)
-        offered = None if rid not in registers else bool(registers[rid] >> bit & 1)
-        views.append(FeatureView(feature.name, rid, bit, how, offered, bool(offered and allowed)))
-    for (rid, bit), mode in policy.features.items():
-        if bit is not None and (rid, bit) not in _CATALOGUE_BITS and rid not in registers:
-            views.append(FeatureView(cat.bit_key(rid, bit), rid, bit, mode.value, None, False))
+        if rid not in registers:
+            views.append(FeatureView(feature.name, rid, bit, how, None, None))
+            if not allowed:
+                missing_denied.add(rid)
+            continue
+        offered = bool(registers[rid] >> bit & 1)
+        views.append(FeatureView(feature.name, rid, bit, how, offered, offered and allowed))
+    for rid in sorted(missing_denied):
+        plan.notes.append(
+            f"the host lacks {cat.reg_name(rid)}: whatever of its services this kernel "
+            "implements stays visible, because no register can hide it"
+        )
+    for (rid, named_bit), mode in policy.features.items():
+        if (
+            named_bit is not None
+            and (rid, named_bit) not in _CATALOGUE_BITS
+            and rid not in registers
+        ):
+            views.append(
+                FeatureView(cat.bit_key(rid, named_bit), rid, named_bit, mode.value, None, None)
+            )
     views.sort(key=lambda v: (v.register, v.bit))
 
-    for (rid, bit), mode in policy.features.items():
+    for (rid, req_bit), mode in policy.features.items():
         if mode is not Mode.REQUIRE:
             continue
-        what = cat.fmt_id(rid) if bit is None else cat.bit_key(rid, bit)
+        what = cat.fmt_id(rid) if req_bit is None else cat.bit_key(rid, req_bit)
         if rid not in registers:
             refusals.append(f"requires {what}, but the host lacks register {cat.reg_name(rid)}")
-        elif bit is not None and not registers[rid] >> bit & 1:
+        elif req_bit is not None and not registers[rid] >> req_bit & 1:
             refusals.append(
-                f"requires {what} ({cat.reg_name(rid)} bit {bit}), but the host does not offer it"
+                f"requires {what} ({cat.reg_name(rid)} bit {req_bit}), "
+                "but the host does not offer it"
             )
 
     for rid, rank in sorted(policy.workarounds.items()):
