@@ -113,7 +113,9 @@ FEATURES: dict[str, Feature] = {
         Feature("discover-impl-cpus", VENDOR_HYP_BMAP_2, 1),
     )
 }
-_FEATURE_BY_BIT: dict[tuple[int, int], str] = {(f.register, f.bit): f.name for f in FEATURES.values()}
+_FEATURE_BY_BIT: dict[tuple[int, int], str] = {
+    (f.register, f.bit): f.name for f in FEATURES.values()
+}
 
 # PSCI versions as KVM encodes them: (major << 16) | minor.
 PSCI_0_1 = 0x1
@@ -128,7 +130,7 @@ _PSCI_TEXT = re.compile(r"^(0|[1-9][0-9]{0,4})\.(0|[1-9][0-9]{0,4})$")
 
 
 def psci_parse(text: str) -> int | None:
-    """"1.1" -> 0x10001; None when not of the form MAJOR.MINOR."""
+    """Parse "1.1" -> 0x10001; None when not of the form MAJOR.MINOR."""
     m = _PSCI_TEXT.match(text)
     if m is None:
         return None
