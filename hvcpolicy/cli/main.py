@@ -12,7 +12,11 @@ from hvcpolicy.errors import EXIT_INTERNAL, EXIT_USAGE, HvcError
 
 # Each module registers its subcommands; imported lazily-by-name so that a command's heavy
 # dependencies (asyncio, libvirt) are loaded only when that command runs.
-COMMAND_MODULES = ("hvcpolicy.cli.offline",)
+COMMAND_MODULES = (
+    "hvcpolicy.cli.offline",
+    "hvcpolicy.cli.simulate",
+    "hvcpolicy.cli.host",
+)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,118 @@
+"""``hvcpolicy simulate``: serve SPEC.md section 8's QMP interface for a simulated host."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import Any
+
+from hvcpolicy.catalogue import (
+    SMCCC_ARCH_WORKAROUND_1,
+    SMCCC_ARCH_WORKAROUND_2,
+    SMCCC_ARCH_WORKAROUND_3,
+)
+from hvcpolicy.errors import InvalidInput, UsageError
+
+MAX_VCPUS = 512
+
+
+def register(sub: Any, parent: argparse.ArgumentParser) -> None:
+    from hvcpolicy.simulator.faults import KINDS
+    from hvcpolicy.simulator.profiles import PROFILE_NAMES
+    from hvcpolicy.simulator.server import RUNSTATES
+
+    faults = "; ".join(f"{k.name}: {k.help}" for k in KINDS.values())
+    p = sub.add_parser(
+        "simulate",
+        parents=[parent],
+        help="serve the firmware-register QMP interface for a simulated arm64 KVM host",
+        description=(
+            "Serve QEMU's QMP, with the kvm-firmware-registers vCPU property, on a unix socket "
+            "for a simulated arm64 KVM host. The socket appears once it accepts connections; "
+            "the server exits after quit, SIGTERM or SIGINT."
+        ),
+        epilog=f"faults (--fault NAME[@COMMAND[#N]][=VALUE]): {faults}",
+    )
+    p.add_argument("--socket", required=True, metavar="PATH", help="unix socket to serve")
+    p.add_argument(
+        "--kernel",
+        required=True,
+        metavar="VERSION",
+        help=f"host kernel release, e.g. {', '.join(PROFILE_NAMES)} or 6.1.0-18-arm64",
+    )
+    p.add_argument("--vcpus", type=int, default=None, metavar="N", help="vCPUs (default 1)")
+    p.add_argument(
+        "--runstate",
+        choices=RUNSTATES,
+        default=None,
+        help="prelaunch (default); running/paused: the VM has run; restored: reports paused, "
+        "has not run; inmigrate: has not run, cont completes the migration",
+    )
+    p.add_argument(
+        "--fault", action="append", default=[], metavar="F", help="inject a fault (repeatable)"
+    )
+    p.add_argument("--upstream", metavar="SOCK", help="layer over this real QEMU's QMP socket")
+    p.add_argument(
+        "--no-psci-0-2",
+        action="store_true",
+        help="vCPUs without the PSCI 0.2 feature (PSCI_VERSION reads and accepts only 0.1)",
+    )
+    p.add_argument(
+        "--wa-levels",
+        metavar="WA1,WA2,WA3",
+        default=None,
+        help="host mitigation levels (default 2,0,1, as on the fixture hosts)",
+    )
+    p.set_defaults(func=run)
+
+
+def _wa_levels(text: str | None) -> dict[int, int] | None:
+    if text is None:
+        return None
+    parts = text.split(",")
+    if len(parts) != 3 or not all(x.strip().isdigit() for x in parts):
+        raise InvalidInput(f"--wa-levels {text!r}: expected three levels such as 2,0,1")
+    ids = (SMCCC_ARCH_WORKAROUND_1, SMCCC_ARCH_WORKAROUND_2, SMCCC_ARCH_WORKAROUND_3)
+    return {rid: int(x) for rid, x in zip(ids, parts, strict=True)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from hvcpolicy.simulator.faults import Faults
+    from hvcpolicy.simulator.profiles import profile_for
+    from hvcpolicy.simulator.server import QMPServer, SimBackend, UpstreamBackend
+    from hvcpolicy.simulator.vm import SimVM
+
+    profile = profile_for(args.kernel, _wa_levels(args.wa_levels))
+    faults = Faults.parse(args.fault)
+    psci_0_2 = not args.no_psci_0_2
+    if args.vcpus is not None and not 1 <= args.vcpus <= MAX_VCPUS:
+        raise UsageError(f"--vcpus {args.vcpus}: expected 1..{MAX_VCPUS}")
+    if args.upstream and (args.vcpus is not None or args.runstate is not None):
+        raise UsageError("--vcpus and --runstate come from the real QEMU with --upstream")
+
+    async def main() -> int:
+        backend: SimBackend | UpstreamBackend
+        if args.upstream:
+            backend = UpstreamBackend(
+                args.upstream, lambda n: SimVM(profile, n, psci_0_2=psci_0_2), faults
+            )
+        else:
+            vm = SimVM(profile, args.vcpus or 1, psci_0_2=psci_0_2)
+            backend = SimBackend(vm, args.runstate or "prelaunch", faults)
+        server = QMPServer(backend, faults)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.request_stop, 0)
+        try:
+            if isinstance(backend, UpstreamBackend):
+                await backend.connect()
+            code = await server.serve(args.socket)
+        finally:
+            await backend.close()
+        if code and server.note:
+            sys.stderr.write(f"hvcpolicy: simulate: {server.note}\n")
+        return code
+
+    return asyncio.run(main())
