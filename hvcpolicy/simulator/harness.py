@@ -1,0 +1,88 @@
+"""Start a simulator for tests: in-process (fast) or as a real ``hvcpolicy simulate`` process.
+
+Both wait, bounded, until the socket accepts connections, and both clean up after themselves
+(a process is stopped by its own pid: SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+from hvcpolicy.simulator.faults import Faults
+from hvcpolicy.simulator.profiles import profile_for
+from hvcpolicy.simulator.server import QMPServer, SimBackend
+from hvcpolicy.simulator.vm import SimVM
+
+
+@contextlib.asynccontextmanager
+async def simulator(
+    socket_path: str,
+    kernel: str = "6.18",
+    vcpus: int = 1,
+    runstate: str = "prelaunch",
+    faults: Sequence[str] = (),
+    psci_0_2: bool = True,
+) -> AsyncIterator[QMPServer]:
+    """A simulator serving ``socket_path`` in this event loop; ``.backend.vm`` is its SimVM."""
+    parsed = Faults.parse(list(faults))
+    vm = SimVM(profile_for(kernel), vcpus, psci_0_2=psci_0_2)
+    server = QMPServer(SimBackend(vm, runstate, parsed), parsed)
+    await server.start(socket_path)
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+def wait_for_socket(path: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"simulator exited with {proc.returncode} before listening")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
+    """SIGTERM, then SIGKILL; the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    return proc.returncode
+
+
+@contextlib.contextmanager
+def simulator_process(
+    socket_path: str, kernel: str = "6.18", *args: str, timeout: float = 15.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m hvcpolicy simulate --socket PATH --kernel KERNEL ARGS...``, listening."""
+    cmd = [sys.executable, "-m", "hvcpolicy", "simulate", "--socket", socket_path]
+    cmd += ["--kernel", kernel, *args]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for_socket(socket_path, proc, timeout)
+        yield proc
+    finally:
+        stop_process(proc)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+async def wait_for_socket_async(path: str, timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not os.path.exists(path):
+            await asyncio.sleep(0.02)
