@@ -1,0 +1,438 @@
+"""Commands that work through libvirt: ``hook``, ``attach``, ``start``, ``install-hook``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import signal
+import sys
+from typing import Any
+
+from hvcpolicy import XMLNS
+from hvcpolicy.errors import EXIT_OK, InvalidInput, Unavailable, UsageError
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+DEFAULT_HOOKS_DIR = "/etc/libvirt/hooks"
+SYSTEM_QMP_DIR = "/var/lib/libvirt/qemu/hvcpolicy"
+HOOK_NAME = "hvcpolicy"
+LIBVIRTD_PIDFILE = "/run/libvirtd.pid"
+# Where the hook script's template is found: next to the package (a checkout), or where the
+# Debian and RPM packages put it.
+HOOK_TEMPLATES = ("{pkgparent}/hooks/qemu", "/usr/share/hvcpolicy/hooks/qemu")
+
+
+def register(sub: Any, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "hook",
+        help="what libvirt runs (stdin: domain XML)",
+        description="The libvirt qemu hook: DOMAIN OP SUBOP EXTRA, the domain XML on stdin. "
+        "Installed hooks run hvcpolicy/hook.py directly; this is the same entry.",
+    )
+    p.add_argument("libvirt_args", nargs="*", metavar="ARG")
+    p.set_defaults(func=cmd_hook)
+
+    p = sub.add_parser(
+        "attach",
+        parents=[parent],
+        help="add hvcpolicy metadata and a QMP socket to a libvirt domain",
+        description="Add <hvc:policy ref=NAME> and a second QMP socket (a <qemu:commandline> "
+        "-qmp in a directory QEMU's user can write) to the persistent definition of DOMAIN.",
+        epilog="example: hvcpolicy attach web1 --policy fleet-2026 --resume-after-apply",
+    )
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("--policy", required=True, metavar="NAME", help="operator policy name")
+    p.add_argument(
+        "--qmp-dir",
+        metavar="DIR",
+        help=f"where QEMU creates the socket (default {SYSTEM_QMP_DIR}, or "
+        "~/.local/share/hvcpolicy/qmp for qemu:///session)",
+    )
+    p.add_argument("--qemu-user", metavar="USER", help="owner of --qmp-dir (default: libvirt's)")
+    p.add_argument(
+        "--qmp-socket",
+        metavar="PATH",
+        help="record <hvc:qmp socket=PATH>: where hvcpolicy talks QMP, when not QEMU's own socket",
+    )
+    p.add_argument(
+        "--resume-after-apply",
+        action="store_true",
+        help='add <hvc:resume after="apply"/>: `virsh start --paused` resumes once applied',
+    )
+    p.set_defaults(func=cmd_attach)
+
+    p = sub.add_parser(
+        "start",
+        parents=[parent],
+        help="paused start, apply, record <hvc:applied>, resume",
+        description="Start DOMAIN paused, enforce its policy over QMP before any vCPU runs, "
+        "record <hvc:applied> in the live XML, then resume. On failure the domain is destroyed "
+        "(it never ran).",
+        epilog="example: hvcpolicy start web1",
+    )
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("--timeout", type=float, default=5.0, help="bound on each QMP wait (s)")
+    p.add_argument("--host-snapshot", metavar="FILE", help="this host's snapshot")
+    p.set_defaults(func=cmd_start)
+
+    p = sub.add_parser(
+        "install-hook",
+        parents=[parent],
+        help="install the libvirt hook and reload libvirtd",
+        description="Install the hook as HOOKS_DIR/qemu.d/hvcpolicy with this Python and this "
+        "package, write the hook's config (policy dir, host snapshot, cache), refresh the policy "
+        "cache, and make libvirtd see the hook (SIGHUP).",
+        epilog="example: hvcpolicy install-hook --policy-dir /etc/hvcpolicy/policies",
+    )
+    p.add_argument("--hooks-dir", default=DEFAULT_HOOKS_DIR, metavar="DIR")
+    p.add_argument("--config", metavar="FILE", help="hook config (default: the hook's own)")
+    p.add_argument("--python", metavar="PATH", help="interpreter the hook runs (default: this)")
+    p.add_argument("--host-snapshot", metavar="FILE")
+    p.add_argument("--cache-dir", metavar="DIR")
+    p.add_argument("--audit-file", metavar="FILE", help="also append audit lines here")
+    p.add_argument("--qmp-timeout", metavar="SECONDS")
+    p.add_argument("--pid-file", default=LIBVIRTD_PIDFILE, help="libvirtd's pid file to SIGHUP")
+    p.add_argument("--no-reload", action="store_true", help="do not signal libvirtd")
+    p.set_defaults(func=cmd_install_hook)
+
+
+# --- hook ---------------------------------------------------------------------------------------
+
+
+def cmd_hook(args: argparse.Namespace) -> int:
+    from hvcpolicy import hook
+
+    return hook.main(list(args.libvirt_args), sys.stdin.buffer)
+
+
+# --- attach -------------------------------------------------------------------------------------
+
+
+def _default_qmp_dir(uri: str) -> str:
+    if uri.startswith("qemu:///session") or "/session" in uri.split("?")[0]:
+        return os.path.join(os.path.expanduser("~"), ".local/share/hvcpolicy/qmp")
+    return SYSTEM_QMP_DIR
+
+
+def _qemu_user() -> str | None:
+    """The user the system daemon runs QEMU as: qemu.conf's ``user``, else the distro's."""
+    import pwd
+
+    try:
+        with open("/etc/libvirt/qemu.conf", encoding="utf-8", errors="replace") as f:
+            for raw in f:
+                m = re.match(r'^\s*user\s*=\s*"([^"]+)"', raw)
+                if m:
+                    return m.group(1)
+    except OSError:
+        pass
+    for name in ("libvirt-qemu", "qemu"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    return None
+
+
+def prepare_qmp_dir(path: str, owner: str | None) -> None:
+    """A directory QEMU's user can create its socket in (and only it and root can use)."""
+    os.makedirs(path, mode=0o750, exist_ok=True)
+    if owner and os.getuid() == 0:
+        import pwd
+
+        try:
+            pw = pwd.getpwnam(owner)
+        except KeyError:
+            raise InvalidInput(f"--qemu-user: no user {owner!r}") from None
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+        os.chmod(path, 0o750)
+
+
+def add_to_definition(xml: str, element: str, qmp_path: str | None) -> str:
+    """The domain XML with ``element`` as its ``<hvc:policy>`` and, unless one is there, a
+    ``-qmp unix:QMP_PATH,server=on,wait=off`` in ``<qemu:commandline>``."""
+    import xml.etree.ElementTree as ET
+
+    ET.register_namespace("qemu", QEMU_NS)
+    ET.register_namespace("hvc", XMLNS)
+    root = ET.fromstring(xml)
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = ET.Element("metadata")
+        # libvirt orders it itself on define; after <uuid>/<description> reads best
+        root.insert(min(3, len(root)), metadata)
+    for old in metadata.findall(f"{{{XMLNS}}}policy"):
+        metadata.remove(old)
+    metadata.append(ET.fromstring(element))
+    if qmp_path is not None:
+        cmdline = root.find(f"{{{QEMU_NS}}}commandline")
+        if cmdline is None:
+            cmdline = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
+        ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", {"value": "-qmp"})
+        ET.SubElement(
+            cmdline, f"{{{QEMU_NS}}}arg", {"value": f"unix:{qmp_path},server=on,wait=off"}
+        )
+    return ET.tostring(root, encoding="unicode")
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from hvcpolicy import libvirt
+    from hvcpolicy.domainxml import DomainPolicy, parse_domain, render_policy
+    from hvcpolicy.merge import merge
+    from hvcpolicy.policy import load_policy
+
+    if "/" in args.policy:
+        raise UsageError("attach --policy takes a policy name from the policy directory")
+    operator = load_policy(args.policy, args.policy_dir)
+    conn = libvirt.connect(args.connect)
+    try:
+        uri = str(conn.getURI())
+        dom = libvirt.lookup(conn, args.domain)
+        xml = libvirt.domain_xml(dom, inactive=True)
+        where = f"domain {args.domain!r}"
+        current = parse_domain(xml, where)
+        old = current.meta
+        meta = DomainPolicy(
+            ref=args.policy,
+            features=dict(old.features) if old else {},
+            unknown=old.unknown if old else None,
+            psci=old.psci if old else None,
+            qmp_socket=args.qmp_socket or (old.qmp_socket if old else None),
+            resume_after_apply=args.resume_after_apply or bool(old and old.resume_after_apply),
+        )
+        merge(operator, meta, where)  # the domain's narrowing must still only tighten
+        qmp_path = None
+        if current.commandline_qmp is None:
+            qdir = args.qmp_dir or _default_qmp_dir(uri)
+            owner = args.qemu_user or (_qemu_user() if qdir == SYSTEM_QMP_DIR else None)
+            prepare_qmp_dir(qdir, owner)
+            qmp_path = os.path.join(qdir, f"{current.name or args.domain}.qmp")
+            if len(qmp_path.encode()) > 107:
+                raise InvalidInput(f"QMP socket path longer than 107 bytes: {qmp_path}")
+        new_xml = add_to_definition(xml, render_policy(meta), qmp_path)
+        parse_domain(new_xml, where)  # what the hook will read back
+        libvirt.define(conn, new_xml)
+    finally:
+        conn.close()
+    sock = qmp_path or current.commandline_qmp
+    sys.stdout.write(
+        f"{args.domain}: policy {args.policy!r} attached; QEMU's QMP socket for hvcpolicy: {sock}"
+        + (f"; hvcpolicy talks QMP at {meta.qmp_socket}" if meta.qmp_socket else "")
+        + "\n"
+    )
+    if dom_is_running(args):
+        sys.stdout.write(f"{args.domain}: running; takes effect at the next start\n")
+    return EXIT_OK
+
+
+def dom_is_running(args: argparse.Namespace) -> bool:
+    from hvcpolicy import libvirt
+
+    conn = libvirt.connect(args.connect)
+    try:
+        return libvirt.is_active(libvirt.lookup(conn, args.domain))
+    finally:
+        conn.close()
+
+
+# --- start --------------------------------------------------------------------------------------
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    import time
+
+    from hvcpolicy import hook, libvirt
+    from hvcpolicy.cli.common import subject_from_domain
+    from hvcpolicy.domainxml import Applied, parse_domain, render_policy, with_applied
+    from hvcpolicy.snapshot import DEFAULT_PATH, load_snapshot
+
+    conn = libvirt.connect(args.connect)
+    try:
+        dom = libvirt.lookup(conn, args.domain)
+        if libvirt.is_active(dom):
+            raise UsageError(f"domain {args.domain!r} is already running")
+        where = f"domain {args.domain!r}"
+        subject = subject_from_domain(
+            parse_domain(libvirt.domain_xml(dom, inactive=True), where), where, args.policy_dir
+        )
+        if subject.policy is None:
+            raise InvalidInput(f"{subject.why_unmanaged}; run `hvcpolicy attach` first")
+        snap_path = args.host_snapshot or os.environ.get("HVCPOLICY_HOST_SNAPSHOT") or DEFAULT_PATH
+        snap = load_snapshot(snap_path) if os.path.exists(snap_path) else None
+        libvirt.start_paused(dom)
+        try:
+            live = parse_domain(libvirt.domain_xml(dom), where)
+            sock = live.qmp_socket
+            if not sock:
+                raise Unavailable(
+                    f"{where} has no QMP socket for hvcpolicy: run `hvcpolicy attach`"
+                )
+            with _connect_qmp(sock, args.timeout) as qmp:
+                state = qmp.runstate()
+                if state == "prelaunch":
+                    _, after = hook.apply_prelaunch(
+                        subject.policy, qmp, snap.registers if snap else None, where
+                    )
+                else:  # the hook's recorder resumed it already (<hvc:resume after="apply"/>)
+                    after = qmp.read_every_vcpu()
+            if live.meta is not None:
+                u = os.uname()
+                applied = Applied(
+                    host=snap.host if snap else u.nodename,
+                    kernel=snap.kernel if snap else u.release,
+                    at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    registers=after,
+                )
+                libvirt.set_policy_metadata(
+                    dom, render_policy(with_applied(live.meta, applied)), live=True
+                )
+            if libvirt.state(dom) == "paused":
+                libvirt.resume(dom)
+        except BaseException:
+            with contextlib.suppress(Unavailable):
+                libvirt.destroy(dom)
+            raise
+        sys.stdout.write(f"{args.domain}: started under policy {subject.policy.name!r}\n")
+    finally:
+        conn.close()
+    return EXIT_OK
+
+
+def _connect_qmp(sock: str, timeout: float) -> Any:
+    from hvcpolicy.hook import HookQMP
+
+    return HookQMP(sock, timeout)
+
+
+# --- install-hook -------------------------------------------------------------------------------
+
+
+def _template(pkgparent: str) -> str:
+    for pattern in HOOK_TEMPLATES:
+        path = pattern.format(pkgparent=pkgparent)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+    raise Unavailable(
+        "the hook script is not installed (looked in "
+        + ", ".join(p.format(pkgparent=pkgparent) for p in HOOK_TEMPLATES)
+        + ")"
+    )
+
+
+def _sh_quote(value: str) -> str:
+    return "'" + value.replace("'", "'\\''") + "'"
+
+
+def render_hook(template: str, python: str, pkgparent: str, policy_dir: str) -> str:
+    settings = {"HVC_PYTHON": python, "HVC_PKGDIR": pkgparent, "HVC_POLICY_DIR": policy_dir}
+    out = template
+    for key, value in settings.items():
+        out, n = re.subn(rf"^{key}=.*$", f"{key}={_sh_quote(value)}", out, count=1, flags=re.M)
+        if n != 1:
+            raise Unavailable(f"hook template has no {key}= line")
+    return out
+
+
+def _write_atomic(path: str, text: str, mode: int) -> None:
+    import tempfile
+
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".hvcpolicy-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_config(path: str, updates: dict[str, str | None]) -> dict[str, str]:
+    """Update (or create) the hook config with ``updates``; -> every value it now holds."""
+    from hvcpolicy.hook import DEFAULTS, parse_config
+
+    current: dict[str, str] = dict(DEFAULTS)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            current = parse_config(f.read(), path)
+    for key, value in updates.items():
+        if value is not None:
+            current[key] = value
+    lines = ["# hvcpolicy libvirt hook configuration (written by `hvcpolicy install-hook`)"]
+    lines += [f"{k} = {current[k]}" for k in DEFAULTS]
+    _write_atomic(path, "\n".join(lines) + "\n", 0o644)
+    return current
+
+
+def refresh_policy_cache(policy_dir: str, cache_dir: str) -> list[str]:
+    """Validate every policy in the directory into the hook's cache; -> the names cached."""
+    from hvcpolicy.hook import _policycache
+    from hvcpolicy.policy import EXTENSIONS, load_policy_file
+
+    cache = _policycache()
+    names: list[str] = []
+    if cache is None or not os.path.isdir(policy_dir):
+        return names
+    for entry in sorted(os.listdir(policy_dir)):
+        if entry.endswith(EXTENSIONS):
+            policy = load_policy_file(os.path.join(policy_dir, entry))
+            cache.store(policy, policy_dir, cache_dir)
+            names.append(policy.name)
+    return names
+
+
+def reload_libvirtd(pid_file: str) -> str:
+    """SIGHUP the libvirtd of ``pid_file`` (checked to be libvirtd), so it finds the hook."""
+    try:
+        with open(pid_file, encoding="ascii") as f:
+            pid = int(f.read().strip() or "0")
+    except (OSError, ValueError):
+        return f"no libvirtd pid in {pid_file}: start (or restart) libvirtd to load the hook"
+    try:
+        with open(f"/proc/{pid}/comm", encoding="ascii") as f:
+            comm = f.read().strip()
+    except OSError:
+        return f"libvirtd ({pid_file}: {pid}) is not running: it finds the hook when it starts"
+    if comm not in ("libvirtd", "virtqemud"):
+        return f"{pid_file} names pid {pid} ({comm}), not libvirtd: not signalled"
+    os.kill(pid, signal.SIGHUP)
+    return f"{comm} (pid {pid}) reloaded"
+
+
+def cmd_install_hook(args: argparse.Namespace) -> int:
+    from hvcpolicy import hook
+    from hvcpolicy.policy import policy_dir
+
+    pkgparent = os.path.dirname(os.path.dirname(os.path.abspath(hook.__file__)))
+    python = args.python or os.path.realpath(sys.executable)
+    conf_path = args.config or hook.config_path()
+    fresh = args.policy_dir is not None or not os.path.exists(conf_path)
+    values = write_config(
+        conf_path,
+        {
+            "policy_dir": policy_dir(args.policy_dir) if fresh else None,
+            "host_snapshot": args.host_snapshot,
+            "cache_dir": args.cache_dir,
+            "audit_file": args.audit_file,
+            "qmp_timeout": args.qmp_timeout,
+        },
+    )
+    hook.load_config(conf_path)  # what the hook will read must parse and be trusted
+    os.makedirs(values["cache_dir"], mode=0o755, exist_ok=True)
+    cached = refresh_policy_cache(values["policy_dir"], values["cache_dir"])
+    script = render_hook(_template(pkgparent), python, pkgparent, values["policy_dir"])
+    target = os.path.join(args.hooks_dir, "qemu.d", HOOK_NAME)
+    _write_atomic(target, script, 0o755)
+    out = [f"installed {target} (python {python}, package {pkgparent})", f"config {conf_path}"]
+    if cached:
+        out.append(f"policy cache {values['cache_dir']}: {', '.join(cached)}")
+    if not args.no_reload:
+        out.append(reload_libvirtd(args.pid_file))
+    sys.stdout.write("\n".join(out) + "\n")
+    return EXIT_OK

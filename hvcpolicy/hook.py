@@ -1,0 +1,765 @@
+"""What libvirt runs: ``hooks/qemu`` execs ``python3 -I -S hvcpolicy/hook.py DOMAIN OP SUB X``.
+
+libvirt runs the hook synchronously with the domain locked, so every stage imports only what it
+needs (no argparse, yaml, jsonschema, asyncio or libvirt on ``prepare``/``migrate``/``restore``),
+never calls libvirt, bounds every QMP wait, and leaves no child holding its stdout/stderr.
+
+Configuration comes from a file, not the environment (libvirt passes only PATH, HOME, LC_ALL):
+``/etc/hvcpolicy/hook.conf``, or for a non-root (``qemu:///session``) daemon
+``~/.config/hvcpolicy/hook.conf`` when that exists. ``key = value`` lines::
+
+    policy_dir = /etc/hvcpolicy/policies
+    host_snapshot = /var/lib/hvcpolicy/host.json
+    cache_dir = /var/cache/hvcpolicy
+    qmp_timeout = 5
+    audit_file =                # optional: also append audit lines here (syslog always)
+
+Stages (SPEC.md section 7): ``prepare`` refuses a policy this host's snapshot cannot satisfy;
+``started`` acts on the runstate (prelaunch: apply, then a detached child records
+``<hvc:applied>`` and, with ``<hvc:resume after="apply"/>``, resumes; inmigrate: clear what the
+guest never carried; paused: verify; running: verify, then ``enforcement.already-running``);
+``migrate``/``restore`` refuse a host that cannot take the guest, printing nothing on stdout;
+``reconnect`` verifies and logs and never fails. Everything else exits 0 at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":  # run as a file under -I -S: put the package's directory on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from collections.abc import Callable, Mapping
+from typing import IO, TYPE_CHECKING, Any
+
+from hvcpolicy.errors import HvcError, InvalidInput, Refused, Unavailable
+
+if TYPE_CHECKING:
+    from hvcpolicy.domainxml import Domain
+    from hvcpolicy.policy import Policy
+    from hvcpolicy.snapshot import Snapshot
+
+SYSTEM_CONF = "/etc/hvcpolicy/hook.conf"
+USER_CONF = ".config/hvcpolicy/hook.conf"  # under a session daemon user's home
+DEFAULTS = {
+    "policy_dir": "/etc/hvcpolicy/policies",
+    "host_snapshot": "/var/lib/hvcpolicy/host.json",
+    "cache_dir": "/var/cache/hvcpolicy",
+    "qmp_timeout": "5",
+    "audit_file": "",
+}
+MAX_CONF = 64 << 10
+STAGES_HANDLED = ("prepare", "started", "migrate", "restore", "reconnect")
+
+
+class Config:
+    def __init__(self, values: Mapping[str, str], path: str) -> None:
+        self.path = path
+        self.policy_dir = values["policy_dir"]
+        self.host_snapshot = values["host_snapshot"]
+        self.cache_dir = values["cache_dir"]
+        self.audit_file = values["audit_file"] or None
+        try:
+            self.qmp_timeout = float(values["qmp_timeout"])
+        except ValueError:
+            raise InvalidInput("qmp_timeout: not a number of seconds", path) from None
+        if not 0 < self.qmp_timeout <= 300:
+            raise InvalidInput("qmp_timeout: must be in (0, 300] seconds", path)
+
+
+def config_path(uid: int | None = None) -> str:
+    """The config this daemon's hook reads: the system one, or a session user's own."""
+    uid = os.getuid() if uid is None else uid
+    if uid != 0:
+        import pwd
+
+        try:
+            home = pwd.getpwuid(uid).pw_dir
+        except KeyError:
+            return SYSTEM_CONF
+        candidate = os.path.join(home, USER_CONF)
+        if os.path.exists(candidate):
+            return candidate
+    return SYSTEM_CONF
+
+
+def parse_config(text: str, path: str) -> dict[str, str]:
+    values = dict(DEFAULTS)
+    for number, raw in enumerate(text.splitlines(), 1):
+        content = raw.split("#", 1)[0].strip()
+        if not content:
+            continue
+        key, sep, value = content.partition("=")
+        key = key.strip()
+        if not sep or key not in DEFAULTS:
+            raise InvalidInput(
+                f"line {number}: expected one of {', '.join(DEFAULTS)} = VALUE", path
+            )
+        values[key] = value.strip()
+    return values
+
+
+def load_config(path: str | None = None) -> Config:
+    """Read the hook config; a file others could have written is not trusted."""
+    path = path or config_path()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return Config(DEFAULTS, path)
+    except OSError as err:
+        raise Unavailable(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid not in (0, os.getuid()) or st.st_mode & 0o022:
+            raise InvalidInput(
+                "not trusted: must be owned by root (or this daemon's user) and writable by "
+                "no one else",
+                path,
+            )
+        data = os.read(fd, MAX_CONF + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONF:
+        raise InvalidInput(f"larger than {MAX_CONF} bytes", path)
+    return Config(parse_config(data.decode("utf-8", "replace"), path), path)
+
+
+# --- the stage context ------------------------------------------------------------------------
+
+
+class Hook:
+    """One hook run: the stage, the domain, the config, and the audit fields so far."""
+
+    def __init__(self, argv: list[str], xml: bytes, conf: Config) -> None:
+        self.argv = argv
+        self.stage = argv[1]
+        self.xml = xml
+        self.conf = conf
+        self.audit: dict[str, str] = {
+            "domain": argv[0],
+            "uuid": "-",
+            "stage": self.stage if self.stage != "started" else "started",
+            "policy": "-",
+        }
+        self._domain: Domain | None = None
+
+    @property
+    def domain(self) -> Domain:
+        if self._domain is None:
+            from hvcpolicy.domainxml import parse_domain
+
+            self._domain = parse_domain(self.xml, f"domain {self.argv[0]!r} ({self.stage} XML)")
+            self.audit["uuid"] = self._domain.uuid or "-"
+        return self._domain
+
+    def policy(self) -> Policy | None:
+        """The merged policy for this domain; None when hvcpolicy leaves the domain alone."""
+        dom = self.domain
+        if dom.meta is None:
+            if not has_policy(self.conf.policy_dir, "default"):
+                return None
+            operator = load_named_policy("default", self.conf)
+            self.audit["policy"] = "default"
+            return operator
+        operator = load_named_policy(dom.meta.ref, self.conf)
+        from hvcpolicy.merge import merge
+
+        merged = merge(operator, dom.meta, f"domain {dom.name!r} <hvc:policy>")
+        self.audit["policy"] = dom.meta.ref
+        return merged
+
+    def snapshot(self) -> Snapshot:
+        from hvcpolicy.snapshot import load_snapshot
+
+        path = self.conf.host_snapshot
+        if not os.path.exists(path):
+            raise Unavailable(
+                f"{path}: no host snapshot; run `hvcpolicy host probe -o {path}` on this host"
+            )
+        return load_snapshot(path)
+
+    def log(self, outcome: str, warning: bool = False, **fields: str) -> None:
+        from hvcpolicy import audit
+
+        audit.record({**self.audit, "outcome": outcome, **fields}, self.conf.audit_file, warning)
+
+
+def has_policy(directory: str, name: str) -> bool:
+    return any(
+        os.path.isfile(os.path.join(directory, name + ext)) for ext in (".yaml", ".yml", ".json")
+    )
+
+
+def _policycache() -> Any:
+    """The lead's validated policy cache, when this tree has it."""
+    import importlib
+
+    try:
+        return importlib.import_module("hvcpolicy.policycache")
+    except ImportError:
+        return None
+
+
+def load_named_policy(ref: str, conf: Config) -> Policy:
+    """A policy by name, from the validated cache when it is current; else parse and validate
+    (which needs the site packages: yaml, jsonschema) and refresh the cache."""
+    cache = _policycache()
+    if cache is not None:
+        cached: Policy | None = cache.load_cached(ref, conf.policy_dir, conf.cache_dir)
+        if cached is not None:
+            return cached
+    _enable_site()
+    from hvcpolicy.policy import load_policy
+
+    try:
+        policy = load_policy(ref, conf.policy_dir)
+    except ImportError as err:
+        raise Unavailable(
+            f"policy {ref!r}: not in the cache {conf.cache_dir} and this Python cannot validate "
+            f"policies ({err}); run `hvcpolicy install-hook` to refresh the cache"
+        ) from None
+    if cache is not None:
+        import contextlib
+
+        with contextlib.suppress(OSError):  # a read-only cache: validate again next time
+            cache.store(policy, conf.policy_dir, conf.cache_dir)
+    return policy
+
+
+def _enable_site() -> None:
+    """The slow path: site-packages (yaml, jsonschema) for a policy the cache does not hold."""
+    if "site" not in sys.modules or not getattr(sys.modules["site"], "_hvc_done", False):
+        import site
+
+        site.main()
+        site._hvc_done = True  # type: ignore[attr-defined]
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+
+def stage_prepare(hook: Hook) -> int:
+    policy = hook.policy()
+    if policy is None:
+        return 0
+    from hvcpolicy.planner import plan_start
+
+    snap = hook.snapshot()
+    plan = plan_start(policy, snap.registers)
+    if not plan.ok:
+        raise Refused(
+            f"hvcpolicy: domain {hook.domain.name!r} cannot start on this host "
+            f"({snap.host}, kernel {snap.kernel}) under policy {policy.name!r}: "
+            + "; ".join(plan.refusals),
+            plan.refusals,
+        )
+    hook.log("allowed", after=_regs(plan.target))
+    return 0
+
+
+def stage_move(hook: Hook) -> int:
+    """``migrate`` / ``restore``: would this host take the guest? Before QEMU exists."""
+    policy = hook.policy()
+    if policy is None:
+        return 0
+    from hvcpolicy.planner import check_migration
+
+    snap = hook.snapshot()
+    meta = hook.domain.meta
+    applied = meta.applied.registers if meta is not None and meta.applied is not None else None
+    verdict = check_migration(policy, snap, applied=applied)
+    what = "an incoming migration" if hook.stage == "migrate" else "a restore"
+    if not verdict.ok:
+        raise Refused(
+            f"hvcpolicy: this host ({snap.host}, kernel {snap.kernel}) refuses {what} of domain "
+            f"{hook.domain.name!r} under policy {policy.name!r}: " + "; ".join(verdict.reasons),
+            verdict.reasons,
+        )
+    hook.log("allowed", before=_regs(applied), reason=f"basis={verdict.basis}")
+    return 0
+
+
+def stage_started(hook: Hook) -> int:
+    policy = hook.policy()
+    if policy is None:
+        return 0
+    try:
+        qmp = HookQMP(_qmp_socket(hook), hook.conf.qmp_timeout)
+    except Unavailable as err:
+        return _unsupported(hook, policy, err)
+    with qmp:
+        try:
+            qmp.vcpus()
+        except Unavailable as err:
+            return _unsupported(hook, policy, err)
+        state = qmp.runstate()
+        hook.audit["stage"] = f"started/{state}"
+        if state == "prelaunch":
+            return _apply_prelaunch(hook, policy, qmp)
+        if state == "inmigrate":
+            return _apply_inmigrate(hook, policy, qmp)
+        return _verify(hook, policy, qmp, state)
+
+
+def stage_reconnect(hook: Hook) -> int:
+    """libvirtd restarted: verify and log; failing here would kill a running guest."""
+    try:
+        policy = hook.policy()
+        if policy is None:
+            return 0
+        with HookQMP(_qmp_socket(hook), hook.conf.qmp_timeout) as qmp:
+            live = qmp.read_all()
+        target = _expected(hook, policy, live)
+        from hvcpolicy.planner import verify
+
+        diffs = verify(target, live)
+        if diffs:
+            hook.log("differs", warning=True, before=_regs(live), reason="; ".join(diffs))
+        else:
+            hook.log("verified", after=_regs(live))
+    except Exception as err:  # never fail: log it
+        hook.log("error", warning=True, reason=f"{type(err).__name__}: {err}")
+    return 0
+
+
+def _unsupported(hook: Hook, policy: Policy, err: Unavailable) -> int:
+    from hvcpolicy.errors import InterfaceMissing
+
+    if isinstance(err, InterfaceMissing) and policy.unsupported_qemu == "warn":
+        hook.log("unsupported-qemu-warned", warning=True, reason=err.message)
+        return 0
+    raise err
+
+
+def _qmp_socket(hook: Hook) -> str:
+    sock = hook.domain.qmp_socket
+    if not sock:
+        raise Unavailable(
+            f"domain {hook.domain.name!r} has no QMP socket for hvcpolicy: add "
+            "<hvc:qmp socket=...> or run `hvcpolicy attach`"
+        )
+    return sock
+
+
+def _expected(hook: Hook, policy: Policy, live: Mapping[int, int]) -> dict[int, int]:
+    """What the guest's registers should read: ``<hvc:applied>`` when recorded, else the plan."""
+    meta = hook.domain.meta
+    if meta is not None and meta.applied is not None:
+        return {rid: v for rid, v in meta.applied.registers.items() if rid in live}
+    from hvcpolicy.planner import plan_start
+
+    return plan_start(policy, live, _host_registers(hook, live)).target
+
+
+def _host_registers(hook: Hook, live: Mapping[int, int] | None) -> Mapping[int, int] | None:
+    """This host's fresh values (the kernel's PSCI limit), else what the guest reads."""
+    try:
+        return hook.snapshot().registers
+    except HvcError:
+        return live
+
+
+def apply_prelaunch(
+    policy: Policy, qmp: HookQMP, host: Mapping[int, int] | None, who: str
+) -> tuple[dict[int, int], dict[int, int]]:
+    """Plan, write through the first vCPU, read back every vCPU and verify; -> (before, after).
+    Shared by the hook's prelaunch stage and ``hvcpolicy start``."""
+    from hvcpolicy.planner import plan_start, verify
+
+    before = qmp.read_all()
+    plan = plan_start(policy, before, host if host is not None else before)
+    if not plan.ok:
+        raise Refused(
+            f"hvcpolicy: {who} refused under policy {policy.name!r}: " + "; ".join(plan.refusals),
+            plan.refusals,
+        )
+    if plan.writes:
+        qmp.write(plan.writes)
+    after = qmp.read_every_vcpu()
+    diffs = verify(plan.target, after)
+    if diffs:
+        raise Refused(f"hvcpolicy: {who}: the write did not hold: {'; '.join(diffs)}", diffs)
+    return before, after
+
+
+def _apply_prelaunch(hook: Hook, policy: Policy, qmp: HookQMP) -> int:
+    host = _host_registers(hook, None)
+    before, after = apply_prelaunch(policy, qmp, host, f"domain {hook.domain.name!r}")
+    hook.log("applied", before=_regs(before), after=_regs(after))
+    meta = hook.domain.meta
+    if meta is not None:
+        qmp.close()  # before the fork: QEMU serves one QMP client at a time
+        _spawn_recorder(hook, after, meta.resume_after_apply)
+    return 0
+
+
+def _apply_inmigrate(hook: Hook, policy: Policy, qmp: HookQMP) -> int:
+    from hvcpolicy.planner import plan_inmigrate
+
+    meta = hook.domain.meta
+    applied = meta.applied.registers if meta is not None and meta.applied is not None else None
+    before = qmp.read_all()
+    plan = plan_inmigrate(policy, before, applied)
+    if not plan.ok:
+        raise Refused(
+            f"hvcpolicy: incoming domain {hook.domain.name!r}: " + "; ".join(plan.refusals),
+            plan.refusals,
+        )
+    if plan.writes:
+        qmp.write(plan.writes)
+    hook.log(
+        "cleared" if plan.writes else "nothing-to-clear",
+        before=_regs(before),
+        after=_regs(plan.writes),
+    )
+    return 0
+
+
+def _verify(hook: Hook, policy: Policy, qmp: HookQMP, state: str) -> int:
+    from hvcpolicy.planner import verify
+
+    live = qmp.read_every_vcpu()
+    target = _expected(hook, policy, live)
+    diffs = verify(target, live)
+    if not diffs:
+        hook.log("verified", after=_regs(live))
+        return 0
+    if state == "running" and policy.already_running == "warn":
+        hook.log("differs-warned", warning=True, before=_regs(live), reason="; ".join(diffs))
+        return 0
+    if state == "running":
+        raise Refused(
+            f"hvcpolicy: domain {hook.domain.name!r} is already running and its firmware registers "
+            f"differ from policy {policy.name!r} ({'; '.join(diffs)}); it is too late to write "
+            f"them: start it with `hvcpolicy start {hook.domain.name}` or "
+            f'`virsh start --paused {hook.domain.name}` (with <hvc:resume after="apply"/>)',
+            diffs,
+        )
+    raise Refused(
+        f"hvcpolicy: domain {hook.domain.name!r} ({state}) does not match "
+        + (
+            "its <hvc:applied> record"
+            if hook.domain.meta and hook.domain.meta.applied
+            else f"policy {policy.name!r}"
+        )
+        + f": {'; '.join(diffs)}",
+        diffs,
+    )
+
+
+def _regs(registers: Mapping[int, int] | None) -> str:
+    from hvcpolicy.audit import regs_text
+
+    return regs_text(registers)
+
+
+# --- QMP: the hook's own small, synchronous, bounded client -----------------------------------
+
+
+class HookQMP:
+    """A blocking QMP client for the hook: no asyncio to import, every wait bounded.
+
+    Speaks the firmware-register interface of SPEC.md section 8: vCPUs from ``query-cpus-fast``,
+    the QOM property ``kvm-firmware-registers`` on each vCPU (ids as ``0x`` strings).
+    """
+
+    PROP = "kvm-firmware-registers"
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.sock = self._socket()
+        self.buf = b""
+        self._vcpus: list[str] | None = None
+        try:
+            self._connect(path, timeout)
+            self._message()  # the greeting
+            self.cmd("qmp_capabilities")
+        except TimeoutError:
+            self.close()
+            raise Unavailable(f"QMP {path}: no answer within {timeout:g} s") from None
+        except OSError as err:
+            self.close()
+            raise Unavailable(f"QMP {path}: cannot connect: {err.strerror or err}") from None
+
+    def _connect(self, path: str, timeout: float) -> None:
+        """QEMU (or a proxy in front of it) may still be creating the socket: retry, bounded."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                return
+            except (FileNotFoundError, ConnectionRefusedError, PermissionError):
+                if time.monotonic() >= deadline:
+                    raise
+                self.sock.close()
+                self.sock = self._socket()
+                time.sleep(0.02)
+
+    def _socket(self) -> Any:
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        return sock
+
+    def __enter__(self) -> HookQMP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _message(self) -> dict[str, Any]:
+        import json
+
+        while b"\n" not in self.buf:
+            if len(self.buf) > 16 << 20:
+                raise Unavailable(f"QMP {self.path}: message larger than 16 MiB")
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise Unavailable(f"QMP {self.path}: connection closed")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            raise Unavailable(f"QMP {self.path}: not JSON: {line[:80]!r}") from None
+        if not isinstance(doc, dict):
+            raise Unavailable(f"QMP {self.path}: not a JSON object")
+        return doc
+
+    def cmd(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
+        import json
+
+        from hvcpolicy.errors import QMPError, QMPTimeout
+
+        msg: dict[str, Any] = {"execute": name}
+        if arguments is not None:
+            msg["arguments"] = arguments
+        try:
+            self.sock.sendall(json.dumps(msg).encode())
+            while True:
+                reply = self._message()
+                if "return" in reply:
+                    return reply["return"]
+                if "error" in reply:
+                    err = reply["error"] if isinstance(reply["error"], dict) else {}
+                    raise QMPError(
+                        f"QMP {name}: {err.get('class', '?')}: {err.get('desc', '')}",
+                        sent=msg,
+                        received=reply,
+                        error_class=str(err.get("class", "")),
+                    )
+                # an event: not ours to act on
+        except TimeoutError:
+            raise QMPTimeout(f"QMP {name}: no answer within {self.timeout:g} s", sent=msg) from None
+        except OSError as err:
+            raise Unavailable(f"QMP {name}: {err.strerror or err}") from None
+
+    def runstate(self) -> str:
+        return str(self.cmd("query-status")["status"])
+
+    def vcpus(self) -> list[str]:
+        if self._vcpus is None:
+            cpus = self.cmd("query-cpus-fast")
+            self._vcpus = [str(c["qom-path"]) for c in cpus]
+            if not self._vcpus:
+                raise Unavailable("QMP query-cpus-fast: no vCPUs")
+            props = self.cmd("qom-list", {"path": self._vcpus[0]})
+            if not any(p.get("name") == self.PROP for p in props):
+                from hvcpolicy.errors import InterfaceMissing
+
+                raise InterfaceMissing(
+                    f"QEMU at {self.path} has no {self.PROP} property on its vCPUs: it offers no "
+                    "firmware-register interface"
+                )
+        return self._vcpus
+
+    def read(self, path: str) -> dict[int, int]:
+        doc = self.cmd("qom-get", {"path": path, "property": self.PROP})
+        if not isinstance(doc, dict):
+            raise Unavailable(f"QMP qom-get {self.PROP}: not an object")
+        try:
+            return {int(k, 0): int(v) for k, v in doc.items()}
+        except (TypeError, ValueError):
+            raise Unavailable(f"QMP qom-get {self.PROP}: ids and values malformed") from None
+
+    def read_all(self) -> dict[int, int]:
+        """Registers are per VM: the first vCPU's view."""
+        return self.read(self.vcpus()[0])
+
+    def read_every_vcpu(self) -> dict[int, int]:
+        paths = self.vcpus()
+        first = self.read(paths[0])
+        for path in paths[1:]:
+            other = self.read(path)
+            if other != first:
+                raise Unavailable(f"vCPU {path} reads other firmware registers than {paths[0]}")
+        return first
+
+    def write(self, writes: Mapping[int, int]) -> None:
+        value = {f"0x{rid:016x}": v for rid, v in writes.items()}
+        self.cmd("qom-set", {"path": self.vcpus()[0], "property": self.PROP, "value": value})
+
+
+# --- the detached recorder ------------------------------------------------------------------
+
+
+def _spawn_recorder(hook: Hook, registers: Mapping[int, int], resume: bool) -> None:
+    """Fork a fully detached child (setsid, fds 0-2 on /dev/null, double fork) that, once
+    libvirt's start job ends, records ``<hvc:applied>`` in the live XML and, when asked, resumes.
+    It may call libvirt: it is no longer inside the hook, so it simply waits for the job."""
+    from hvcpolicy.domainxml import Applied, render_policy, with_applied
+
+    meta = hook.domain.meta
+    assert meta is not None
+    host, kernel = _host_identity(hook)
+    import time
+
+    applied = Applied(
+        host=host,
+        kernel=kernel,
+        at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        registers=dict(registers),
+    )
+    element = render_policy(with_applied(meta, applied))
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)  # the first child exits at once; the grandchild is reparented
+        return
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, 65536)  # the QMP socket above all: QEMU serves one client at a time
+        rc = _record_and_resume(hook, element, resume)
+    except BaseException:
+        rc = 1
+    os._exit(rc)
+
+
+def _host_identity(hook: Hook) -> tuple[str, str]:
+    try:
+        snap = hook.snapshot()
+        return snap.host, snap.kernel
+    except HvcError:
+        u = os.uname()
+        return u.nodename, u.release
+
+
+def libvirt_uri() -> str:
+    return "qemu:///system" if os.getuid() == 0 else "qemu:///session"
+
+
+def _record_and_resume(hook: Hook, element: str, resume: bool) -> int:
+    import subprocess
+
+    from hvcpolicy import XMLNS
+
+    name = hook.domain.uuid or hook.domain.name
+    # One virsh, two commands: the metadata first, so the guest never runs unrecorded.
+    script = [
+        "metadata",
+        "--domain",
+        name,
+        "--uri",
+        XMLNS,
+        "--key",
+        "hvc",
+        "--live",
+        "--set",
+        element,
+    ]
+    cmds = _virsh_quote(script) + (f" ; resume --domain {name}" if resume else "")
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "HOME": os.environ.get("HOME", "/"),
+        "LC_ALL": "C",
+        "LIBVIRT_AUTOSTART": "0",
+    }
+    try:
+        done = subprocess.run(
+            ["virsh", "-q", "-c", libvirt_uri(), cmds],
+            env=env,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        ok = done.returncode == 0
+        detail = done.stderr.decode("utf-8", "replace").strip()
+    except (OSError, subprocess.TimeoutExpired) as err:
+        ok, detail = False, str(err)
+    hook.audit["stage"] = "started/recorder"
+    hook.log(
+        ("recorded-resumed" if resume else "recorded") if ok else "record-failed",
+        warning=not ok,
+        reason=detail or "-",
+    )
+    return 0 if ok else 1
+
+
+def _virsh_quote(words: list[str]) -> str:
+    """virsh's own command-line quoting (single quotes; a quote inside is '\\'')."""
+    return " ".join("'" + w.replace("'", "'\\''") + "'" for w in words)
+
+
+# --- entry ------------------------------------------------------------------------------------
+
+_STAGES: dict[str, Callable[[Hook], int]] = {
+    "prepare": stage_prepare,
+    "started": stage_started,
+    "migrate": stage_move,
+    "restore": stage_move,
+    "reconnect": stage_reconnect,
+}
+
+
+def main(argv: list[str], stdin: IO[bytes]) -> int:
+    """``argv``: DOMAIN OP SUBOP EXTRA as libvirt passes them; ``stdin``: the domain XML."""
+    if len(argv) < 2 or argv[1] not in _STAGES:
+        return 0
+    stage = argv[1]
+    head = os.environ.pop("HVC_XML_HEAD", "").encode("utf-8", "surrogateescape")
+    try:
+        xml = head + stdin.read()
+    except OSError:
+        xml = head
+    hook: Hook | None = None
+    try:
+        conf = load_config()
+        hook = Hook(argv, xml, conf)
+        return _STAGES[stage](hook)
+    except HvcError as err:
+        outcome = "refused" if isinstance(err, Refused) else "error"
+        return _fail(hook, stage, outcome, err.message)
+    except Exception as err:  # a bug: still one line, and fail closed except on reconnect
+        return _fail(hook, stage, "error", f"internal error: {type(err).__name__}: {err}")
+
+
+def _fail(hook: Hook | None, stage: str, outcome: str, message: str) -> int:
+    if not message.startswith("hvcpolicy: "):
+        message = "hvcpolicy: " + message
+    if hook is not None:
+        hook.log(outcome, warning=True, reason=message)
+    else:
+        from hvcpolicy import audit
+
+        audit.record({"stage": stage, "outcome": outcome, "reason": message}, None, True)
+    if stage == "reconnect":
+        return 0
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], sys.stdin.buffer))
