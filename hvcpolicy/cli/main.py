@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "hvcpolicy.cli.offline",
     "hvcpolicy.cli.simulate",
     "hvcpolicy.cli.host",
+    "hvcpolicy.cli.libvirt",
 )
 
 
