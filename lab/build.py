@@ -1,0 +1,408 @@
+#!/usr/bin/env python3
+"""Build the arm64 KVM lab from Debian packages: one Python rootfs, four real arm64 kernels.
+
+    python3 lab/build.py            # builds into lab/build/ (skips the steps already done)
+    python3 lab/build.py --clean    # from scratch
+
+Result (lab/build/): ``rootfs.cpio.zst`` (Debian trixie arm64 minbase with python3 and QEMU),
+and for each kernel ``kernels/<release>/vmlinuz`` and ``kernels/<release>/initrd.img`` (the rootfs
+followed by a small cpio with ``/init`` and the 9p modules), listed in ``kernels.json``.
+
+arm64 packages come from a private apt configuration under lab/build/apt: the host's own apt
+sources are read (for the mirror URI) and never changed. Host tools: debootstrap,
+qemu-user-static, binfmt-support, cpio, kmod, zstd, qemu-system-arm (scripts/apt-packages.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LAB = Path(__file__).resolve().parent
+BUILD = LAB / "build"
+KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+
+# What the lab boots. Each entry: (label, suite, how to pick the image package).
+#   "meta": the image linux-image-arm64 of that suite depends on;
+#   a regex: the newest linux-image-<version>-arm64 of that suite whose version matches it.
+KERNELS = (
+    ("6.1", "bookworm", "meta"),
+    ("6.12", "trixie", "meta"),
+    ("6.18", "trixie-backports", r"^6\.18\."),
+    ("7.x", "trixie-backports", r"^7\."),
+)
+SUITES = ("bookworm", "trixie", "trixie-backports")
+ROOTFS_SUITE = "trixie"
+ROOTFS_PACKAGES = ("python3", "kmod", "python3-yaml", "python3-jsonschema", "qemu-system-arm")
+# A second QEMU, unpacked beside the rootfs's own under /opt/qemu-<version>: the newest one in
+# trixie-backports (11.1 accepts a missing VENDOR_HYP_BMAP_2 whose value is 0; 10.0 does not).
+EXTRA_QEMU_SUITE = "trixie-backports"
+EXTRA_QEMU_PACKAGES = ("qemu-system-arm", "qemu-system-common", "qemu-system-data")
+INITRD_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
+
+INIT = r"""#!/bin/sh
+# hvcpolicy lab: mount the checkout shared over 9p and run the script the kernel command line names
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /tmp /run /mnt/host
+mount -t tmpfs tmp /tmp
+for m in virtio_pci 9pnet_virtio 9p; do modprobe $m; done
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 host0 /mnt/host
+script=$(sed -n 's/.*hvclab\.script=\([^ ]*\).*/\1/p' /proc/cmdline)
+echo "hvclab: kernel $(uname -r), running $script"
+if [ -n "$script" ] && [ -f "/mnt/host/$script" ]; then
+    sh "/mnt/host/$script"
+    echo "hvclab: exit $?"
+else
+    echo "hvclab: no script"
+fi
+sync
+umount /mnt/host
+echo o > /proc/sysrq-trigger
+sleep 30
+"""
+
+
+def log(msg: str) -> None:
+    print(f"lab-build: {msg}", flush=True)
+
+
+def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, text=True, **kw)  # type: ignore[call-overload, no-any-return]
+
+
+def mirror_uri() -> str:
+    """The Debian archive URI the host already uses (from its own apt sources)."""
+    candidates: list[tuple[str, str]] = []  # (uri, suites)
+    srcdir = Path("/etc/apt/sources.list.d")
+    files = sorted(srcdir.glob("*.sources")) if srcdir.is_dir() else []
+    for f in files:
+        for stanza in f.read_text().split("\n\n"):
+            fields: dict[str, str] = {}
+            for line in stanza.splitlines():
+                if line.startswith("#") or ":" not in line:
+                    continue
+                k, _, v = line.partition(":")
+                fields[k.strip().lower()] = v.strip()
+            if "deb" in fields.get("types", "").split() and "uris" in fields:
+                for uri in fields["uris"].split():
+                    candidates.append((uri, fields.get("suites", "")))
+    lists = [Path("/etc/apt/sources.list"), *sorted(srcdir.glob("*.list"))]
+    for f in lists:
+        if not f.is_file():
+            continue
+        for line in f.read_text().splitlines():
+            m = re.match(r"^\s*deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line)
+            if m:
+                candidates.append((m.group(1), m.group(2)))
+    for uri, suites in candidates:
+        names = suites.split()
+        if any(re.fullmatch(r"[a-z]+(-updates)?", s) for s in names) and "security" not in uri:
+            return uri.rstrip("/")
+    raise SystemExit("lab-build: no Debian mirror found in /etc/apt/sources.list{,.d}")
+
+
+class Apt:
+    """apt-get/apt-cache for arm64 with a private configuration (the host's stays untouched)."""
+
+    def __init__(self, root: Path, mirror: str) -> None:
+        self.root = root
+        for d in ("lists/partial", "cache/archives/partial", "etc/sources.list.d", "etc/prefs.d"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        (root / "status").touch()
+        lines = [f"deb [arch=arm64 signed-by={KEYRING}] {mirror} {s} main" for s in SUITES]
+        (root / "etc/sources.list").write_text("\n".join(lines) + "\n")
+        conf = {
+            "APT::Architecture": "arm64",
+            "Dir::State": root,
+            "Dir::State::Lists": root / "lists",
+            "Dir::State::status": root / "status",
+            "Dir::Cache": root / "cache",
+            "Dir::Etc::SourceList": root / "etc/sources.list",
+            "Dir::Etc::SourceParts": root / "etc/sources.list.d",
+            "Dir::Etc::Preferences": root / "etc/preferences",
+            "Dir::Etc::PreferencesParts": root / "etc/prefs.d",
+            "Acquire::Languages": "none",
+            "APT::Sandbox::User": "root",
+        }
+        text = "".join(f'{k} "{v}";\n' for k, v in conf.items())
+        text += 'APT::Architectures { "arm64"; };\n'
+        (root / "apt.conf").write_text(text)
+        self.env = {**os.environ, "APT_CONFIG": str(root / "apt.conf"), "LC_ALL": "C"}
+
+    def update(self) -> None:
+        run(["apt-get", "update", "-qq"], env=self.env)
+
+    def out(self, *args: str) -> str:
+        cp = run(["apt-cache", *args], env=self.env, stdout=subprocess.PIPE)
+        return cp.stdout
+
+    def versions(self, pkg: str) -> list[tuple[str, str]]:
+        """[(version, suite)] of a package, from apt-cache madison."""
+        res = []
+        for line in self.out("madison", pkg).splitlines():
+            parts = [p.strip() for p in line.split("|")]
+            if len(parts) >= 3 and parts[0] == pkg:
+                suite = parts[2].split()[1].split("/")[0]
+                res.append((parts[1], suite))
+        return res
+
+    def version_in(self, pkg: str, suite: str) -> str:
+        for version, s in self.versions(pkg):
+            if s == suite:
+                return version
+        raise SystemExit(f"lab-build: {pkg} not in {suite}")
+
+    def depends(self, pkg: str, version: str) -> list[str]:
+        for line in self.out("show", f"{pkg}={version}").splitlines():
+            if line.startswith("Depends:"):
+                return [d.split()[0].split(":")[0] for d in line[8:].replace("|", ",").split(",")]
+        return []
+
+    def download(self, pkg: str, version: str, dest: Path) -> Path:
+        dest.mkdir(parents=True, exist_ok=True)
+        run(["apt-get", "download", "-qq", f"{pkg}={version}"], env=self.env, cwd=dest)
+        quoted = version.replace(":", "%3a")
+        found = list(dest.glob(f"{pkg}_{quoted}_*.deb"))
+        if not found:
+            raise SystemExit(f"lab-build: download of {pkg}={version} left no .deb")
+        return found[0]
+
+
+def kernel_package(apt: Apt, suite: str, how: str) -> tuple[str, str]:
+    if how == "meta":
+        meta_version = apt.version_in("linux-image-arm64", suite)
+        for dep in apt.depends("linux-image-arm64", meta_version):
+            if dep.startswith("linux-image-") and dep.endswith("-arm64"):
+                return dep, apt.version_in(dep, suite)
+        raise SystemExit(f"lab-build: linux-image-arm64 in {suite} names no image")
+    best: tuple[tuple[int, ...], str, str] | None = None
+    for name in apt.out("pkgnames", "linux-image-").split():
+        m = re.fullmatch(r"linux-image-(\d+\.\d+\.\d+)(?:\+deb\d+)?-arm64", name)
+        if not m or not re.match(how, m.group(1)):
+            continue
+        for version, s in apt.versions(name):
+            if s == suite:
+                key = tuple(int(x) for x in m.group(1).split("."))
+                if best is None or key > best[0]:
+                    best = (key, name, version)
+    if best is None:
+        raise SystemExit(f"lab-build: no kernel matching {how} in {suite}")
+    return best[1], best[2]
+
+
+def ensure_binfmt() -> None:
+    if Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
+        return
+    if not Path("/proc/sys/fs/binfmt_misc/register").exists():
+        run(["mount", "-t", "binfmt_misc", "binfmt_misc", "/proc/sys/fs/binfmt_misc"])
+    run(["update-binfmts", "--enable", "qemu-aarch64"])
+    if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
+        raise SystemExit("lab-build: cannot register qemu-aarch64 with binfmt_misc")
+
+
+def unmount_under(path: Path) -> None:
+    """An interrupted debootstrap leaves proc/sys mounted inside the rootfs: never rmtree those."""
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/mounts") as f:
+        points = [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
+
+
+def build_rootfs(apt: Apt, mirror: str) -> None:
+    rootfs = BUILD / "rootfs"
+    stamp = BUILD / "rootfs.stamp"
+    if stamp.exists():
+        return
+    ensure_binfmt()
+    if rootfs.exists():
+        unmount_under(rootfs)
+        shutil.rmtree(rootfs)
+    t = time.monotonic()
+    log(f"debootstrap {ROOTFS_SUITE} arm64 ...")
+    run(
+        [
+            "debootstrap",
+            "--arch=arm64",
+            "--variant=minbase",
+            f"--include={','.join(ROOTFS_PACKAGES)}",
+            f"--keyring={KEYRING}",
+            ROOTFS_SUITE,
+            str(rootfs),
+            mirror,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    log(f"debootstrap took {time.monotonic() - t:.0f} s")
+    # The newest QEMU of EXTRA_QEMU_SUITE, unpacked aside (its libraries are the suite's own).
+    first = EXTRA_QEMU_PACKAGES[0]
+    version = apt.version_in(first, EXTRA_QEMU_SUITE)
+    debs = BUILD / "debs"
+    opt = rootfs / "opt" / f"qemu-{version.split(':')[-1].split('+')[0]}"
+    opt.mkdir(parents=True, exist_ok=True)
+    for pkg in EXTRA_QEMU_PACKAGES:
+        deb = apt.download(pkg, apt.version_in(pkg, EXTRA_QEMU_SUITE), debs)
+        run(["dpkg-deb", "-x", str(deb), str(opt)])
+    # Keep the rootfs small: documentation, locales and apt lists are of no use in the lab.
+    for junk in ("usr/share/doc", "usr/share/man", "usr/share/locale", "var/lib/apt/lists"):
+        shutil.rmtree(rootfs / junk, ignore_errors=True)
+    for opt_junk in ("usr/share/doc", "usr/share/man"):
+        shutil.rmtree(opt / opt_junk, ignore_errors=True)
+    stamp.write_text(version + "\n")
+
+
+def pack_rootfs() -> None:
+    out = BUILD / "rootfs.cpio.zst"
+    if out.exists():
+        return
+    t = time.monotonic()
+    tmp = out.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        find = subprocess.Popen(["find", "."], cwd=BUILD / "rootfs", stdout=subprocess.PIPE)
+        cpio = subprocess.Popen(
+            ["cpio", "-o", "-H", "newc", "--quiet"],
+            cwd=BUILD / "rootfs",
+            stdin=find.stdout,
+            stdout=subprocess.PIPE,
+        )
+        zstd = subprocess.Popen(["zstd", "-3", "-T0", "-q"], stdin=cpio.stdout, stdout=f)
+        assert find.stdout is not None and cpio.stdout is not None
+        find.stdout.close()
+        cpio.stdout.close()
+        if zstd.wait() or cpio.wait() or find.wait():
+            raise SystemExit("lab-build: packing the rootfs failed")
+    tmp.rename(out)
+    log(f"packed rootfs ({out.stat().st_size >> 20} MiB) in {time.monotonic() - t:.0f} s")
+
+
+def module_closure(moddir: Path, names: tuple[str, ...]) -> list[str]:
+    """Paths (relative to moddir) of the named modules and everything they depend on."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+        base = Path(path).name.split(".ko")[0].replace("-", "_")
+        by_name[base] = path
+    todo = [by_name[n] for n in names if n in by_name]
+    seen: list[str] = []
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.append(p)
+            todo.extend(deps.get(p, []))
+    return seen
+
+
+def build_kernel(apt: Apt, label: str, suite: str, how: str) -> dict[str, str]:
+    pkg, version = kernel_package(apt, suite, how)
+    release = pkg[len("linux-image-") :]
+    kdir = BUILD / "kernels" / release
+    stamp = kdir / "stamp"
+    info = {"label": label, "suite": suite, "package": pkg, "version": version, "release": release}
+    if stamp.exists():
+        return info
+    t = time.monotonic()
+    # Newer kernels split the image package: linux-binary-* (vmlinuz), linux-modules-*.
+    parts = [pkg] + [
+        d for d in apt.depends(pkg, version) if d.startswith(("linux-binary-", "linux-modules-"))
+    ]
+    tree = kdir / "tree"
+    kdir.mkdir(parents=True, exist_ok=True)
+    if tree.exists():
+        shutil.rmtree(tree)
+    for part in parts:
+        deb = apt.download(part, version, BUILD / "debs")
+        run(["dpkg-deb", "-x", str(deb), str(tree)])
+    # bookworm..6.18 ship boot/vmlinuz-<release>; 7.x ships usr/lib/modules/<release>/vmlinuz.
+    images = [*tree.glob("boot/vmlinuz-*"), *tree.glob(f"usr/lib/modules/{release}/vmlinuz")]
+    if not images:
+        raise SystemExit(f"lab-build: no vmlinuz in {pkg}")
+    vmlinuz = images[0]
+    shutil.copyfile(vmlinuz, kdir / "vmlinuz")
+    # bookworm's kernels ship lib/modules, trixie's usr/lib/modules; the host's depmod (bookworm)
+    # looks under BASE/lib/modules.
+    base = tree if (tree / "lib/modules" / release).is_dir() else tree / "usr"
+    src_mods = base / "lib/modules" / release
+    run(["depmod", "-b", str(base), release])
+    stage = kdir / "initrd-extra"
+    if stage.exists():
+        shutil.rmtree(stage)
+    dst_mods = stage / "usr/lib/modules" / release
+    for rel in module_closure(src_mods, INITRD_MODULES):
+        (dst_mods / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src_mods / rel, dst_mods / rel)
+    for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        if (src_mods / f).exists():
+            shutil.copyfile(src_mods / f, dst_mods / f)
+    run(["depmod", "-b", str(stage / "usr"), release])
+    (stage / "init").write_text(INIT)
+    (stage / "init").chmod(0o755)
+    extra = kdir / "extra.cpio"
+    with open(extra, "wb") as f:
+        files = subprocess.run(
+            ["find", "init", "usr"], cwd=stage, check=True, stdout=subprocess.PIPE
+        ).stdout
+        subprocess.run(
+            ["cpio", "-o", "-H", "newc", "--quiet"], cwd=stage, input=files, stdout=f, check=True
+        )
+    shutil.rmtree(tree)
+    info["seconds"] = f"{time.monotonic() - t:.0f}"
+    stamp.write_text(json.dumps(info) + "\n")
+    log(f"kernel {release} ({pkg} {version} from {suite}) ready")
+    return info
+
+
+def assemble_initrds(kernels: list[dict[str, str]]) -> None:
+    rootfs = BUILD / "rootfs.cpio.zst"
+    for k in kernels:
+        kdir = BUILD / "kernels" / k["release"]
+        out = kdir / "initrd.img"
+        if out.exists() and out.stat().st_mtime >= rootfs.stat().st_mtime:
+            continue
+        tmp = out.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            for part in (rootfs, kdir / "extra.cpio"):
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 20)
+        tmp.rename(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--clean", action="store_true", help="remove lab/build first")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("lab-build: needs root (debootstrap, binfmt_misc)")
+    for tool in ("debootstrap", "cpio", "depmod", "zstd", "dpkg-deb", "qemu-system-aarch64"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"lab-build: {tool} missing (bash scripts/setup.sh installs it)")
+    if args.clean and BUILD.exists():
+        unmount_under(BUILD)
+        shutil.rmtree(BUILD)
+    BUILD.mkdir(exist_ok=True)
+    t0 = time.monotonic()
+    mirror = mirror_uri()
+    apt = Apt(BUILD / "apt", mirror)
+    apt.update()
+    kernels = [build_kernel(apt, *k) for k in KERNELS]
+    build_rootfs(apt, mirror)
+    pack_rootfs()
+    assemble_initrds(kernels)
+    (BUILD / "kernels.json").write_text(json.dumps(kernels, indent=1) + "\n")
+    log(f"lab ready in {time.monotonic() - t0:.0f} s: " + ", ".join(k["release"] for k in kernels))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

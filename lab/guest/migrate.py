@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Inside the lab: real QEMU-on-KVM migrations between lab kernels, through a state file.
+
+    python3 lab/guest/migrate.py save OUTDIR          # this kernel as the source
+    python3 lab/guest/migrate.py load OUTROOT OUTDIR  # this kernel as the destination of each
+
+``save`` starts, with each QEMU of the rootfs, a KVM guest with ``-S`` (it never runs, so its
+firmware registers are this kernel's defaults), and migrates it to ``OUTDIR/state-<qemu>.bin``.
+``load`` starts the same QEMU with ``-incoming defer`` and ``migrate-incoming`` of every
+``OUTROOT/<kernel>/state-<qemu>.bin``, and records whether QEMU accepted it (the load completed and
+the destination QEMU is alive and paused) or what it said. Results: ``OUTDIR/save.json``,
+``OUTDIR/load.json``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+TIMEOUT = 90.0
+
+
+def qemus() -> dict[str, dict[str, Any]]:
+    """{version: {"exe": path, "env": extra environment, "args": extra args}} of every QEMU."""
+    found: dict[str, dict[str, Any]] = {}
+    cands = [("/usr/bin/qemu-system-aarch64", None)]
+    for exe in sorted(glob.glob("/opt/qemu-*/usr/bin/qemu-system-aarch64")):
+        cands.append((exe, exe[: -len("/usr/bin/qemu-system-aarch64")]))
+    for exe, root in cands:
+        if not os.path.exists(exe):
+            continue
+        env = dict(os.environ)
+        args: list[str] = []
+        if root is not None:
+            args = ["-L", f"{root}/usr/share/qemu"]
+            mods = glob.glob(f"{root}/usr/lib/*/qemu")
+            if mods:
+                env["QEMU_MODULE_DIR"] = mods[0]
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, env=env).stdout
+        m = re.search(r"version (\d+\.\d+\.\d+)", out)
+        if m:
+            found[m.group(1)] = {"exe": exe, "env": env, "args": args}
+    return found
+
+
+class QMP:
+    def __init__(self, path: str, proc: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("QEMU exited before its QMP socket came up")
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.sock.settimeout(TIMEOUT)
+        self.buf = b""
+        self._read()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise RuntimeError("QMP connection closed")
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        msg: dict[str, Any] = json.loads(line)
+        return msg
+
+    def cmd(self, name: str, **arguments: Any) -> Any:
+        req: dict[str, Any] = {"execute": name}
+        if arguments:
+            req["arguments"] = arguments
+        self.sock.sendall(json.dumps(req).encode() + b"\n")
+        while True:
+            msg = self._read()
+            if "return" in msg:
+                return msg["return"]
+            if "error" in msg:
+                raise RuntimeError(f"{name}: {msg['error'].get('desc')}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def start(q: dict[str, Any], sock: str, extra: list[str]) -> subprocess.Popen[bytes]:
+    if os.path.exists(sock):
+        os.unlink(sock)
+    cmd = [
+        q["exe"],
+        *q["args"],
+        "-machine",
+        "virt,gic-version=3",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "64",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-qmp",
+        f"unix:{sock},server=on,wait=off",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd,
+        env=q["env"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def finish(proc: subprocess.Popen[bytes]) -> str:
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err.decode(errors="replace").strip()
+
+
+def wait_migration(qmp: QMP, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return {"status": "exited"}
+        info: dict[str, Any] = qmp.cmd("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        time.sleep(0.2)
+    return {"status": "timeout"}
+
+
+def save(outdir: str) -> int:
+    results = []
+    for version, q in qemus().items():
+        sock = f"/tmp/src-{version}.qmp"
+        state = os.path.abspath(os.path.join(outdir, f"state-{version}.bin"))
+        if os.path.exists(state):
+            os.unlink(state)
+        t = time.monotonic()
+        proc = start(q, sock, [])
+        rec: dict[str, Any] = {"qemu": version, "state": os.path.basename(state)}
+        try:
+            qmp = QMP(sock, proc)
+            rec["runstate"] = qmp.cmd("query-status")["status"]
+            qmp.cmd("migrate", uri=f"file:{state}")
+            info = wait_migration(qmp, proc)
+            rec["status"] = info.get("status")
+            rec["error"] = info.get("error-desc")
+            qmp.cmd("quit")
+            qmp.close()
+        except (RuntimeError, OSError) as e:
+            rec["status"] = "error"
+            rec["error"] = str(e)
+        rec["stderr"] = finish(proc)
+        rec["seconds"] = round(time.monotonic() - t, 2)
+        print(json.dumps(rec), flush=True)
+        results.append(rec)
+    with open(os.path.join(outdir, "save.json"), "w") as f:
+        json.dump({"kernel": platform.release(), "saves": results}, f, indent=1)
+    return 0 if all(r["status"] == "completed" for r in results) else 1
+
+
+def load(outroot: str, outdir: str) -> int:
+    results = []
+    for version, q in qemus().items():
+        for state in sorted(glob.glob(os.path.join(outroot, "*", f"state-{version}.bin"))):
+            source = os.path.basename(os.path.dirname(state))
+            sock = f"/tmp/dst-{version}.qmp"
+            t = time.monotonic()
+            proc = start(q, sock, ["-incoming", "defer"])
+            rec: dict[str, Any] = {"qemu": version, "source": source}
+            try:
+                qmp = QMP(sock, proc)
+                qmp.cmd("migrate-incoming", uri=f"file:{os.path.abspath(state)}")
+                info = wait_migration(qmp, proc)
+                rec["status"] = info.get("status")
+                rec["error"] = info.get("error-desc")
+                if rec["status"] == "completed":
+                    time.sleep(1.0)  # the registers are put after the load: let that fail, if so
+                    rec["runstate"] = qmp.cmd("query-status")["status"]
+                    qmp.cmd("quit")
+                qmp.close()
+            except (RuntimeError, OSError) as e:
+                rec.setdefault("status", "error")
+                rec["error"] = str(e)
+            rec["alive"] = proc.poll() is None or proc.returncode == 0
+            rec["stderr"] = finish(proc)
+            rec["exit"] = proc.returncode
+            rec["accepted"] = (
+                rec.get("status") == "completed"
+                and rec.get("runstate") == "paused"
+                and proc.returncode == 0
+            )
+            rec["seconds"] = round(time.monotonic() - t, 2)
+            print(json.dumps(rec), flush=True)
+            results.append(rec)
+    with open(os.path.join(outdir, "load.json"), "w") as f:
+        json.dump({"kernel": platform.release(), "loads": results}, f, indent=1)
+    return 0
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["save"]:
+        return save(sys.argv[2])
+    if sys.argv[1:2] == ["load"]:
+        return load(sys.argv[2], sys.argv[3])
+    sys.stderr.write(__doc__ or "")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

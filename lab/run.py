@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Boot the lab's arm64 kernels under TCG and run, inside each, what the lab proves.
+
+    python3 lab/run.py                  # build if needed, then every phase on every kernel
+    python3 lab/run.py --phase probe    # host probe + conformance + migration sources
+    python3 lab/run.py --phase migrate  # each kernel as the destination of every saved state
+    python3 lab/run.py --kernel 6.1.0-50-arm64 --phase probe
+
+The checkout is shared with the guest over 9p (mount tag host0, at /mnt/host); a job script under
+lab/build/jobs/ says what to run; results land in lab/build/out/<kernel release>/:
+  host.json         what ``hvcpolicy host probe`` wrote (probe.rc, probe.out beside it)
+  conformance.json  every case of lab/guest/conformance.py with the kernel's answer
+  save.json, state-<qemu>.bin   a KVM guest started with -S, migrated to a file, per QEMU
+  load.json         every saved state loaded with -incoming on this kernel, and QEMU's verdict
+  console-<phase>.log  the serial console
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LAB = Path(__file__).resolve().parent
+REPO = LAB.parent
+BUILD = LAB / "build"
+OUT = BUILD / "out"
+CPU = os.environ.get("HVCLAB_CPU", "neoverse-n1")
+BOOT_TIMEOUT = 900
+
+JOB_HEAD = """set -u
+cd /mnt/host
+export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/mnt/host
+O=lab/build/out/$(uname -r)
+mkdir -p $O
+"""
+JOBS = {
+    "probe": """
+python3 -m hvcpolicy host probe -o $O/host.json >$O/probe.out 2>&1; echo $? >$O/probe.rc
+python3 lab/guest/conformance.py $O/conformance.json >$O/conformance.out 2>&1
+echo $? >$O/conformance.rc
+python3 lab/guest/migrate.py save $O >$O/save.out 2>&1; echo $? >$O/save.rc
+""",
+    "migrate": """
+python3 lab/guest/migrate.py load lab/build/out $O >$O/load.out 2>&1; echo $? >$O/load.rc
+""",
+}
+
+
+def kernels() -> list[dict[str, str]]:
+    path = BUILD / "kernels.json"
+    if not path.exists():
+        raise SystemExit("lab-run: no lab/build/kernels.json: run python3 lab/build.py")
+    data: list[dict[str, str]] = json.loads(path.read_text())
+    return data
+
+
+def boot(release: str, phase: str) -> float:
+    kdir = BUILD / "kernels" / release
+    out = OUT / release
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = BUILD / "jobs"
+    jobs.mkdir(exist_ok=True)
+    job = jobs / f"{phase}.sh"
+    job.write_text(JOB_HEAD + JOBS[phase])
+    for stale in (
+        (f"{phase}.rc",) if phase != "probe" else ("probe.rc", "conformance.rc", "save.rc")
+    ):
+        (out / stale).unlink(missing_ok=True)
+    cmd = [
+        "qemu-system-aarch64",
+        "-machine",
+        "virt,virtualization=on,gic-version=3",
+        "-cpu",
+        CPU,
+        "-smp",
+        "2",
+        "-m",
+        "3072",
+        "-accel",
+        "tcg,thread=multi",
+        "-nographic",
+        "-no-reboot",
+        "-nic",
+        "none",
+        "-kernel",
+        str(kdir / "vmlinuz"),
+        "-initrd",
+        str(kdir / "initrd.img"),
+        "-append",
+        f"console=ttyAMA0 rdinit=/init quiet panic=-1 hvclab.script={job.relative_to(REPO)}",
+        "-virtfs",
+        f"local,path={REPO},mount_tag=host0,security_model=none,id=host0",
+    ]
+    t = time.monotonic()
+    with open(out / f"console-{phase}.log", "wb") as console:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=console)
+        try:
+            proc.wait(timeout=BOOT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise SystemExit(
+                f"lab-run: {release} {phase}: no power-off in {BOOT_TIMEOUT} s"
+            ) from None
+    took = time.monotonic() - t
+    print(f"lab-run: {release} {phase}: {took:.0f} s", flush=True)
+    return took
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--phase", choices=("probe", "migrate", "all"), default="all")
+    ap.add_argument("--kernel", action="append", help="kernel release (default: every one)")
+    ap.add_argument("--no-build", action="store_true", help="do not run lab/build.py first")
+    args = ap.parse_args()
+    if not args.no_build:
+        subprocess.run([sys.executable, str(LAB / "build.py")], check=True)
+    releases = [k["release"] for k in kernels()]
+    if args.kernel:
+        unknown = set(args.kernel) - set(releases)
+        if unknown:
+            raise SystemExit(f"lab-run: not a lab kernel: {', '.join(sorted(unknown))}")
+        releases = [r for r in releases if r in args.kernel]
+    phases = ("probe", "migrate") if args.phase == "all" else (args.phase,)
+    timings: dict[str, dict[str, float]] = {}
+    for phase in phases:
+        for release in releases:
+            timings.setdefault(release, {})[phase] = round(boot(release, phase), 1)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "timings.json").write_text(json.dumps({"cpu": CPU, "boots": timings}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
