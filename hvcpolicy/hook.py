@@ -656,6 +656,17 @@ def _host_identity(hook: Hook) -> tuple[str, str]:
         return u.nodename, u.release
 
 
+def unprefixed(element: str) -> str:
+    """``<hvc:policy xmlns:hvc=...>`` as libvirt's metadata API wants it: without the prefix
+    and declaration (libvirt adds both from the key and URI it is given)."""
+    import re
+
+    from hvcpolicy import XMLNS
+
+    element = element.replace(f' xmlns:hvc="{XMLNS}"', "", 1)
+    return re.sub(r"<(/?)hvc:", r"<\1", element)
+
+
 def libvirt_uri() -> str:
     return "qemu:///system" if os.getuid() == 0 else "qemu:///session"
 
@@ -665,6 +676,7 @@ def _record_and_resume(hook: Hook, element: str, resume: bool) -> int:
 
     from hvcpolicy import XMLNS
 
+    element = unprefixed(element)
     name = hook.domain.uuid or hook.domain.name
     # One virsh, two commands: the metadata first, so the guest never runs unrecorded.
     script = [

@@ -11,6 +11,7 @@ from typing import Any
 
 from hvcpolicy import XMLNS
 from hvcpolicy.errors import InvalidInput, Unavailable
+from hvcpolicy.hook import unprefixed
 
 METADATA_KEY = "hvc"
 
@@ -88,7 +89,7 @@ def set_policy_metadata(dom: Any, element: str, live: bool) -> None:
         "set metadata",
         dom.setMetadata,
         lib.VIR_DOMAIN_METADATA_ELEMENT,
-        element,
+        unprefixed(element),
         METADATA_KEY,
         XMLNS,
         flags,
