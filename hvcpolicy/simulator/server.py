@@ -666,12 +666,19 @@ class QMPServer:
         self._path: str | None = None
         self._keep_socket = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def start(self, path: str) -> None:
         self._done = asyncio.get_running_loop().create_future()
         sock = listen_unix(path)
         self._path = path
         self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+        self._watcher = asyncio.get_running_loop().create_task(self._close_when_done())
+
+    async def _close_when_done(self) -> None:
+        await self.wait()
+        await self.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = Session(self, reader, writer)
@@ -707,6 +714,11 @@ class QMPServer:
         return await self._done
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._watcher is not None and self._watcher is not asyncio.current_task():
+            self._watcher.cancel()
         if self._server is not None:
             self._server.close()
         for session in list(self.sessions):
