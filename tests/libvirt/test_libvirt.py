@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+import time
 
-from tests.libvirt.conftest import SYSTEM_URI, Guest, Lab
+from tests.libvirt.conftest import SYSTEM_URI, Guest, Lab, stop_pid, virsh, wait_for
 
 VENDOR_HYP_BMAP = "0x6030000000160002"
 
@@ -32,3 +33,83 @@ def test_hvcpolicy_start_applies_while_prelaunch(lab: Lab, guest_factory) -> Non
     assert lines and "outcome=applied" in lines[0], lab.audit()
     assert f"{VENDOR_HYP_BMAP}=0x1" in lines[0].split(" after=")[1]
     assert applied_registers(g.live_xml())[VENDOR_HYP_BMAP] == "0x1"
+
+
+def test_virsh_start_paused_resumes_after_apply(lab: Lab, guest_factory) -> None:
+    g = guest_factory("web", resume=True)
+    t0 = time.monotonic()
+    virsh(SYSTEM_URI, "start", "--paused", g.name)
+    elapsed = time.monotonic() - t0
+    # the hook returned without waiting for its detached child (which holds none of its pipes)
+    assert elapsed < 5, f"virsh start --paused took {elapsed:.2f} s"
+    wait_for(lambda: g.state() == "running", 20, f"{g.name} to be resumed by the recorder")
+    lines = audit_for(lab, g, "started/prelaunch")
+    assert lines and "outcome=applied" in lines[0]
+    wait_for(lambda: "<hvc:applied" in g.live_xml(), 20, "<hvc:applied> in the live XML")
+    assert applied_registers(g.live_xml())[VENDOR_HYP_BMAP] == "0x1"
+    rec = wait_for(lambda: audit_for(lab, g, "started/recorder"), 20, "the recorder's audit line")
+    assert "outcome=recorded-resumed" in rec[0]
+
+
+def test_plain_start_refused_when_registers_differ(lab: Lab, guest_factory) -> None:
+    g = guest_factory("web")
+    done = virsh(SYSTEM_URI, "start", g.name, check=False)
+    assert done.returncode != 0
+    assert "already running and its firmware registers differ" in done.stderr
+    assert f"hvcpolicy start {g.name}" in done.stderr
+    assert "virsh start --paused" in done.stderr
+    assert g.state() == "shut off"
+    assert "outcome=refused" in audit_for(lab, g, "started/running")[0]
+
+
+def test_plain_start_of_a_conforming_guest(lab: Lab, guest_factory) -> None:
+    g = guest_factory("open")
+    virsh(SYSTEM_URI, "start", g.name)
+    assert g.state() == "running"
+    assert "outcome=verified" in audit_for(lab, g, "started/running")[0]
+
+
+def test_prepare_refuses_a_require_the_host_lacks(lab: Lab, guest_factory) -> None:
+    g = guest_factory("needs-future")
+    done = virsh(SYSTEM_URI, "start", "--paused", g.name, check=False)
+    assert done.returncode != 0
+    assert "cannot start on this host (lab-source" in done.stderr
+    assert "requires 0x6030000000160004:0" in done.stderr
+    assert g.state() == "shut off"
+    assert "outcome=refused" in audit_for(lab, g, "prepare")[0]
+    # refused before QEMU existed: no simulator was ever needed
+    assert not audit_for(lab, g, "started/prelaunch")
+
+
+def test_restore_refused_on_a_host_that_cannot_take_the_guest(
+    lab: Lab, guest_factory, tmp_path
+) -> None:
+    g = guest_factory("web")
+    lab.hvcpolicy("start", g.name, "--connect", SYSTEM_URI)
+    image = tmp_path / f"{g.name}.save"
+    virsh(SYSTEM_URI, "save", g.name, str(image))
+    assert g.state() == "shut off"
+    lab.set_host("system", "neoverse-n1_linux-6.1.json", "lab-source-downgraded")
+    try:
+        done = virsh(SYSTEM_URI, "restore", str(image), check=False)
+    finally:
+        lab.set_host("system", "neoverse-n1_linux-6.18.json", "lab-source")
+    assert done.returncode != 0
+    assert "refuses a restore of domain" in done.stderr
+    assert "VENDOR_HYP_BMAP_2" in done.stderr
+    assert image.exists()
+    assert g.state() == "shut off"
+    assert "outcome=refused" in audit_for(lab, g, "restore")[0]
+
+
+def test_reconnect_leaves_the_guest_running(lab: Lab, guest_factory, system_libvirtd) -> None:
+    assert system_libvirtd.owned, "the test restarts the libvirtd it started"
+    g = guest_factory("open")
+    virsh(SYSTEM_URI, "start", g.name)
+    pid = system_libvirtd.pid()
+    assert pid is not None
+    stop_pid(pid, "libvirtd")
+    system_libvirtd.start()
+    assert g.state() == "running"
+    lines = wait_for(lambda: audit_for(lab, g, "reconnect"), 20, "the reconnect audit line")
+    assert "outcome=verified" in lines[0]
