@@ -156,6 +156,12 @@ def decode_yaml(data: bytes, where: str) -> object:
         raise InvalidInput("not UTF-8 text", where) from None
     except RecursionError:
         raise InvalidInput("YAML nested too deeply", where) from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as err:
+        # PyYAML's constructors raise these on values that match a tag's pattern but not its
+        # meaning: `2001-13-45` (an implicit timestamp), `!!timestamp x`, `!!int x`, `!!set [1]`.
+        raise InvalidInput(
+            f"not valid YAML: bad value ({type(err).__name__}: {bounded(str(err), 80)})", where
+        ) from None
     except yaml.YAMLError as err:
         line = ""
         mark = getattr(err, "problem_mark", None)
