@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+
+from hvcpolicy.record import Record
 
 KVM_REG_ARM64 = 0x6000000000000000
 KVM_REG_SIZE_U64 = 0x0030000000000000
@@ -28,15 +29,26 @@ class Kind(enum.Enum):
     UNKNOWN_BITMAP = "unknown-bitmap"  # coproc 0x16 id the catalogue does not know
 
 
-@dataclass(frozen=True, slots=True)
-class Register:
-    name: str
-    id: int
-    kind: Kind
-    reset: int | None  # reset value on a fresh VM; None where it is the host's level
-    mask: int | None  # supported mask (bitmaps only)
-    first_kernel: tuple[int, int]
-    policy_key: str | None = None  # key under spec.workarounds, for mitigation registers
+class Register(Record):
+    __slots__ = ("first_kernel", "id", "kind", "mask", "name", "policy_key", "reset")
+
+    def __init__(
+        self,
+        name: str,
+        id: int,
+        kind: Kind,
+        reset: int | None,  # reset value on a fresh VM; None where it is the host's level
+        mask: int | None,  # supported mask (bitmaps only)
+        first_kernel: tuple[int, int],
+        policy_key: str | None = None,  # key under spec.workarounds, for mitigations
+    ) -> None:
+        self.name = name
+        self.id = id
+        self.kind = kind
+        self.reset = reset
+        self.mask = mask
+        self.first_kernel = first_kernel
+        self.policy_key = policy_key
 
 
 def reg_id(coproc: int, index: int) -> int:
@@ -95,11 +107,13 @@ WORKAROUND_KEYS: dict[str, int] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Feature:
-    name: str
-    register: int
-    bit: int
+class Feature(Record):
+    __slots__ = ("bit", "name", "register")
+
+    def __init__(self, name: str, register: int, bit: int) -> None:
+        self.name = name
+        self.register = register
+        self.bit = bit
 
 
 FEATURES: dict[str, Feature] = {

@@ -9,14 +9,17 @@ error rather than something silently skipped.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
 from xml.parsers import expat
-from xml.sax.saxutils import quoteattr
 
 from hvcpolicy import XMLNS
 from hvcpolicy import catalogue as cat
 from hvcpolicy.errors import InvalidInput, bounded
-from hvcpolicy.policy import NAME_RE, FeatureKey, Mode, Unknown, key_text, parse_feature
+from hvcpolicy.policy import NAME_RE, Mode, Unknown, key_text, parse_feature
+from hvcpolicy.record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from hvcpolicy.policy import FeatureKey
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 _OUR_NS_PREFIX = "https://hvcpolicy.dev/"
@@ -25,35 +28,64 @@ MAX_DEPTH = 64
 MAX_ATTR = 4096
 
 
-@dataclass(frozen=True)
-class Applied:
+class Applied(Record):
     """``<hvc:applied>``: every firmware register of the guest as hvcpolicy left it."""
 
-    host: str
-    kernel: str
-    at: str
-    registers: dict[int, int] = field(hash=False)
+    __slots__ = ("at", "host", "kernel", "registers")
+
+    def __init__(self, host: str, kernel: str, at: str, registers: dict[int, int]) -> None:
+        self.host = host
+        self.kernel = kernel
+        self.at = at
+        self.registers = registers
 
 
-@dataclass(frozen=True)
-class DomainPolicy:
+class DomainPolicy(Record):
     """``<hvc:policy>``: which operator policy, how the domain narrows it, and runtime hints."""
 
-    ref: str
-    features: dict[FeatureKey, Mode] = field(default_factory=dict, hash=False)
-    unknown: Unknown | None = None
-    psci: int | None = None
-    qmp_socket: str | None = None
-    resume_after_apply: bool = False
-    applied: Applied | None = None
+    __slots__ = (
+        "applied",
+        "features",
+        "psci",
+        "qmp_socket",
+        "ref",
+        "resume_after_apply",
+        "unknown",
+    )
+
+    def __init__(
+        self,
+        ref: str,
+        features: dict[FeatureKey, Mode] | None = None,
+        unknown: Unknown | None = None,
+        psci: int | None = None,
+        qmp_socket: str | None = None,
+        resume_after_apply: bool = False,
+        applied: Applied | None = None,
+    ) -> None:
+        self.ref = ref
+        self.features: dict[FeatureKey, Mode] = features if features is not None else {}
+        self.unknown = unknown
+        self.psci = psci
+        self.qmp_socket = qmp_socket
+        self.resume_after_apply = resume_after_apply
+        self.applied = applied
 
 
-@dataclass(frozen=True)
-class Domain:
-    name: str
-    uuid: str
-    meta: DomainPolicy | None
-    commandline_qmp: str | None = None  # a unix QMP socket from <qemu:commandline>
+class Domain(Record):
+    __slots__ = ("commandline_qmp", "meta", "name", "uuid")
+
+    def __init__(
+        self,
+        name: str,
+        uuid: str,
+        meta: DomainPolicy | None,
+        commandline_qmp: str | None = None,  # a unix QMP socket from <qemu:commandline>
+    ) -> None:
+        self.name = name
+        self.uuid = uuid
+        self.meta = meta
+        self.commandline_qmp = commandline_qmp
 
     @property
     def qmp_socket(self) -> str | None:
@@ -331,6 +363,20 @@ def _build_applied(attrs: dict[str, str], regs: list[dict[str, str]], where: str
     )
 
 
+def quoteattr(value: str) -> str:
+    """An XML attribute value, quoted (saxutils' own would import urllib on the hook's path)."""
+    escaped = (
+        value.replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace('"', "&quot;")
+        .replace("\n", "&#10;")
+        .replace("\r", "&#13;")
+        .replace("\t", "&#9;")
+    )
+    return f'"{escaped}"'
+
+
 def render_policy(meta: DomainPolicy) -> str:
     """The ``<hvc:policy>`` element for ``setMetadata`` (which replaces it whole)."""
     out = [f'<hvc:policy xmlns:hvc="{XMLNS}" ref={quoteattr(meta.ref)}>']
@@ -358,4 +404,4 @@ def render_policy(meta: DomainPolicy) -> str:
 
 
 def with_applied(meta: DomainPolicy, applied: Applied) -> DomainPolicy:
-    return replace(meta, applied=applied)
+    return meta.replace(applied=applied)

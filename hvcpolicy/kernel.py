@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
 
 from hvcpolicy import catalogue as cat
 from hvcpolicy.catalogue import Kind
+from hvcpolicy.record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 
 class Errno(enum.Enum):
@@ -73,11 +76,13 @@ def bitmap_mask(rid: int, host_value: int) -> int:
     return host_value
 
 
-@dataclass(frozen=True, slots=True)
-class Host:
+class Host(Record):
     """A host kernel as KVM shows it: listed register ids with a fresh PSCI-0.2 vCPU's reads."""
 
-    registers: Mapping[int, int]
+    __slots__ = ("registers",)
+
+    def __init__(self, registers: Mapping[int, int]) -> None:
+        self.registers = registers
 
     @property
     def psci_newest(self) -> int:

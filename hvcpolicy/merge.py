@@ -7,12 +7,14 @@ the field.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from hvcpolicy import catalogue as cat
-from hvcpolicy.domainxml import DomainPolicy
 from hvcpolicy.errors import InvalidInput
-from hvcpolicy.policy import UNKNOWN_RANK, FeatureKey, Mode, Policy, Unknown, key_text
+from hvcpolicy.policy import UNKNOWN_RANK, Mode, Policy, Unknown, key_text
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from hvcpolicy.domainxml import DomainPolicy
+    from hvcpolicy.policy import FeatureKey
 
 # What a domain may turn each effective operator mode into.
 _TIGHTER: dict[Mode | Unknown, frozenset[Mode]] = {
@@ -70,8 +72,7 @@ def merge(operator: Policy, domain: DomainPolicy, where: str) -> Policy:
         psci = domain.psci
     if features == operator.features and unknown == operator.unknown and psci == operator.psci:
         return operator
-    return replace(
-        operator,
+    return operator.replace(
         features=features,
         unknown=unknown,
         psci=psci,

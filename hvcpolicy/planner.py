@@ -10,30 +10,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
-
 from hvcpolicy import catalogue as cat
 from hvcpolicy.catalogue import Kind
-from hvcpolicy.kernel import Errno, Host, psci_accepted, wa2_class
+from hvcpolicy.kernel import Errno, Host, bitmap_mask, psci_accepted, wa2_class
 from hvcpolicy.policy import LEVEL_NAMES, Mode, Policy, Unknown
+from hvcpolicy.record import Record
 from hvcpolicy.snapshot import Snapshot, qemu_version
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 # QEMU accepts a missing VENDOR_HYP_BMAP_2 on the destination when the source value is 0 (11.1+).
 QEMU_TOLERATES_MISSING_BMAP2 = (11, 1, 0)
 
 
-@dataclass(frozen=True)
-class FeatureView:
+class FeatureView(Record):
     """One bit as the guest will see it."""
 
-    name: str  # feature name, or REGID:BIT
-    register: int
-    bit: int
-    mode: str  # allow | deny | require | unnamed (unknown: X)
-    offered: bool | None  # None: the host lacks the whole register
-    visible: bool | None  # None: no register gates it, so whatever the kernel implements shows
+    __slots__ = ("bit", "mode", "name", "offered", "register", "visible")
+
+    def __init__(
+        self,
+        name: str,  # feature name, or REGID:BIT
+        register: int,
+        bit: int,
+        mode: str,  # allow | deny | require | unnamed (unknown: X)
+        offered: bool | None,  # None: the host lacks the whole register
+        visible: bool | None,  # None: no register gates it, whatever the kernel implements shows
+    ) -> None:
+        self.name = name
+        self.register = register
+        self.bit = bit
+        self.mode = mode
+        self.offered = offered
+        self.visible = visible
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,14 +60,18 @@ class FeatureView:
         }
 
 
-@dataclass
-class Plan:
-    policy: str
-    target: dict[int, int] = field(default_factory=dict)
-    writes: dict[int, int] = field(default_factory=dict)
-    refusals: list[str] = field(default_factory=list)
-    features: list[FeatureView] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+class Plan(Record):
+    """Every register's target, the ordered writes that reach it, and every refusal."""
+
+    __slots__ = ("features", "notes", "policy", "refusals", "target", "writes")
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self.target: dict[int, int] = {}
+        self.writes: dict[int, int] = {}
+        self.refusals: list[str] = []
+        self.features: list[FeatureView] = []
+        self.notes: list[str] = []
 
     @property
     def ok(self) -> bool:
@@ -282,13 +298,16 @@ def verify(target: Mapping[int, int], live: Mapping[int, int]) -> list[str]:
 # --- migration -------------------------------------------------------------------------------
 
 
-@dataclass
-class Verdict:
-    destination: str
-    reasons: list[str] = field(default_factory=list)
-    clears: list[int] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    basis: str = "policy"  # "applied" (recorded values), "source" (planned on --from), "policy"
+class Verdict(Record):
+    __slots__ = ("basis", "clears", "destination", "notes", "reasons")
+
+    def __init__(self, destination: str, basis: str = "policy") -> None:
+        self.destination = destination
+        self.reasons: list[str] = []
+        self.clears: list[int] = []  # bitmaps new on the destination, cleared on arrival
+        self.notes: list[str] = []
+        # "applied" (recorded values), "source" (planned on --from), or "policy"
+        self.basis = basis
 
     @property
     def ok(self) -> bool:
@@ -309,8 +328,6 @@ def rejection_detail(dest: Host, rid: int, value: int, errno: Errno) -> str:
     kind = cat.kind_of(rid)
     have = dest.registers.get(rid, 0)
     if kind is Kind.BITMAP or kind is Kind.UNKNOWN_BITMAP:
-        from hvcpolicy.kernel import bitmap_mask
-
         extra = value & ~bitmap_mask(rid, have)
         names = ", ".join(cat.bit_key(rid, b) for b in cat.bits(extra))
         return f"bits {names} are not supported there ({errno.value})"

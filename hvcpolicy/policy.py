@@ -11,12 +11,15 @@ from __future__ import annotations
 import enum
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any
 
 from hvcpolicy import catalogue as cat
 from hvcpolicy.errors import InvalidInput, bounded
+from hvcpolicy.record import Record
 from hvcpolicy.snapshot import decode_json, read_bounded
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 API_VERSION = "hvcpolicy/v1"
 KIND = "FirmwarePolicy"
@@ -44,8 +47,9 @@ UNKNOWN_RANK = {Unknown.ALLOW: 0, Unknown.DENY: 1, Unknown.REFUSE: 2}
 LEVELS = {"any": 0, "available": 1, "not-required": 2}
 LEVEL_NAMES = {v: k for k, v in LEVELS.items()}
 
-# A feature key: (register, bit), or (register, None) for a whole register named by id.
-FeatureKey = tuple[int, int | None]
+if TYPE_CHECKING:
+    # A feature key: (register, bit), or (register, None) for a whole register named by id.
+    FeatureKey = tuple[int, int | None]
 
 
 def key_text(key: FeatureKey) -> str:
@@ -53,17 +57,40 @@ def key_text(key: FeatureKey) -> str:
     return cat.fmt_id(rid) if bit is None else cat.bit_key(rid, bit)
 
 
-@dataclass(frozen=True)
-class Policy:
-    name: str
-    features: dict[FeatureKey, Mode] = field(default_factory=dict, hash=False)
-    unknown: Unknown = Unknown.DENY
-    psci: int | None = None
-    workarounds: dict[int, int] = field(default_factory=dict, hash=False)  # reg id -> rank
-    unsupported_qemu: str = "refuse"
-    already_running: str = "refuse"
-    description: str = ""
-    source: str = ""  # the file it came from, or what merged it
+class Policy(Record):
+    __slots__ = (
+        "already_running",
+        "description",
+        "features",
+        "name",
+        "psci",
+        "source",
+        "unknown",
+        "unsupported_qemu",
+        "workarounds",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        features: dict[FeatureKey, Mode] | None = None,
+        unknown: Unknown = Unknown.DENY,
+        psci: int | None = None,
+        workarounds: dict[int, int] | None = None,  # register id -> LEVELS rank
+        unsupported_qemu: str = "refuse",
+        already_running: str = "refuse",
+        description: str = "",
+        source: str = "",  # the file it came from, or what merged it
+    ) -> None:
+        self.name = name
+        self.features: dict[FeatureKey, Mode] = features if features is not None else {}
+        self.unknown = unknown
+        self.psci = psci
+        self.workarounds: dict[int, int] = workarounds if workarounds is not None else {}
+        self.unsupported_qemu = unsupported_qemu
+        self.already_running = already_running
+        self.description = description
+        self.source = source
 
     def mode_of(self, rid: int, bit: int) -> Mode | None:
         """The mode the policy names for a bit (by bit first, then by whole register)."""
@@ -194,7 +221,7 @@ def schema_problems(doc: object, schema_name: str) -> list[str]:
         schema = json.loads(text.read_text(encoding="utf-8"))
         validators[schema_name] = jsonschema.Draft202012Validator(schema)
         _validator = validators
-    problems = []
+    problems: list[str] = []
     errors = sorted(validators[schema_name].iter_errors(doc), key=lambda e: list(map(str, e.path)))
     for err in errors:
         path = ".".join(str(p) for p in err.absolute_path) or "(document)"

@@ -6,17 +6,18 @@ hand-written checks here and schemas/snapshot.schema.json agree (tests hold them
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
 
 from hvcpolicy import catalogue as cat
 from hvcpolicy.errors import InvalidInput, bounded
+from hvcpolicy.record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+    from typing import Any
 
 API_VERSION = "hvcpolicy/v1"
 KIND = "HostSnapshot"
@@ -27,14 +28,24 @@ _TAKEN = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\
 _FIELDS = {"apiVersion", "kind", "host", "kernel", "taken", "source", "qemu", "registers"}
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    host: str
-    kernel: str
-    source: str
-    registers: dict[int, int] = field(hash=False)
-    taken: str | None = None
-    qemu: str | None = None
+class Snapshot(Record):
+    __slots__ = ("host", "kernel", "qemu", "registers", "source", "taken")
+
+    def __init__(
+        self,
+        host: str,
+        kernel: str,
+        source: str,
+        registers: dict[int, int],
+        taken: str | None = None,
+        qemu: str | None = None,
+    ) -> None:
+        self.host = host
+        self.kernel = kernel
+        self.source = source
+        self.registers = registers
+        self.taken = taken
+        self.qemu = qemu
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -168,6 +179,9 @@ def dumps(snap: Snapshot) -> str:
 
 def save_snapshot(snap: Snapshot, path: str) -> None:
     """Write atomically: a reader sees the old file or the new one, never a torn one."""
+    import contextlib
+    import tempfile
+
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".host.", suffix=".tmp", dir=directory)
@@ -248,4 +262,4 @@ def baseline(snaps: Iterable[Snapshot]) -> Snapshot:
 
 
 def with_registers(snap: Snapshot, registers: Mapping[int, int]) -> Snapshot:
-    return replace(snap, registers=dict(registers))
+    return snap.replace(registers=dict(registers))
