@@ -40,9 +40,26 @@ async def simulator(
         await server.close()
 
 
-def wait_for_socket(path: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+def _identity(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns  # inode numbers get reused
+
+
+def wait_for_socket(
+    path: str,
+    proc: subprocess.Popen[bytes] | None,
+    timeout: float,
+    stale: tuple[int, int, int] | None = None,
+) -> None:
+    """Until ``path`` exists (and is not the file ``stale`` identified before the start)."""
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
+    while True:
+        ident = _identity(path)
+        if ident is not None and ident != stale:
+            return
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"simulator exited with {proc.returncode} before listening")
         if time.monotonic() > deadline:
@@ -69,11 +86,12 @@ def simulator_process(
     """``python -m hvcpolicy simulate --socket PATH --kernel KERNEL ARGS...``, listening."""
     cmd = [sys.executable, "-m", "hvcpolicy", "simulate", "--socket", socket_path]
     cmd += ["--kernel", kernel, *args]
+    stale = _identity(socket_path)
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
-        wait_for_socket(socket_path, proc, timeout)
+        wait_for_socket(socket_path, proc, timeout, stale)
         yield proc
     finally:
         stop_process(proc)
