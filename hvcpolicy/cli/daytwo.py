@@ -1,0 +1,143 @@
+"""The operator's day two: ``diff`` (what a kernel upgrade changed, for the host and for each
+policy) and ``status`` (every domain on the host, its policy, its record, its live registers).
+
+Top-level imports stay light: the parser is built (for --help, completion and the man page)
+without importing libvirt or asyncio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from hvcpolicy.errors import EXIT_OK, EXIT_REFUSED, InvalidInput
+
+DIFF_EPILOG = """\
+example: hvcpolicy diff examples/hosts/neoverse-n1_linux-6.1.json \
+examples/hosts/neoverse-n1_linux-6.18.json --policy-dir examples/policies
+
+exit status: 0 nothing that matters changed for the policies checked, 3 a policy is affected
+(refused, sees something new or loses something, or a migration between the two hosts refused),
+4 invalid input."""
+
+STATUS_EPILOG = """\
+example: hvcpolicy status --connect qemu:///system --format json
+
+exit status: 0 every running domain's live registers match its record (or its policy),
+3 some domain's do not (DRIFT), 5 libvirt unreachable."""
+
+
+def register(sub: Any, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "diff",
+        parents=[parent],
+        help="what changed between two snapshots of a host, policy by policy",
+        description="Compare two host snapshots (say, before and after a kernel upgrade): "
+        "registers added or gone, bits offered or withdrawn, the PSCI default, mitigation levels "
+        "up or down. Then, for each policy given (or every policy in the policy directory): would "
+        "guests now be refused, would they see something new (or lose something), and could they "
+        "still migrate between a host on the old and one on the new kernel, in both directions.",
+        epilog=DIFF_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("old", metavar="OLD.json", help="snapshot before (e.g. the old kernel)")
+    p.add_argument("new", metavar="NEW.json", help="snapshot after (e.g. the new kernel)")
+    p.add_argument(
+        "--policy",
+        action="append",
+        default=None,
+        metavar="P",
+        help="a policy file or name (repeatable); default: every policy in the policy directory",
+    )
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser(
+        "status",
+        parents=[parent],
+        help="every domain with its policy, record and live registers",
+        description="List every libvirt domain with the policy it runs under, its <hvc:applied> "
+        "record, and whether its live firmware registers (read over libvirt's QMP pass-through, "
+        "or the domain's <hvc:qmp> socket when QEMU itself lacks the interface) still match that "
+        "record. Like `virsh list --all`; --format json for monitoring.",
+        epilog=STATUS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--timeout", type=float, default=5.0, metavar="SECONDS", help="bound on each QMP wait"
+    )
+    p.set_defaults(func=cmd_status)
+
+
+# --- diff -----------------------------------------------------------------------------------
+
+
+def _policies(args: argparse.Namespace) -> tuple[list[Any], str]:
+    """The policies to judge, and where they came from (for the report)."""
+    from hvcpolicy.policy import EXTENSIONS, load_policy, load_policy_file, policy_dir
+
+    if args.policy:
+        return [load_policy(ref, args.policy_dir) for ref in args.policy], "given"
+    directory = policy_dir(args.policy_dir)
+    explicit = args.policy_dir is not None or "HVCPOLICY_POLICY_DIR" in os.environ
+    if not os.path.isdir(directory):
+        if explicit:
+            raise InvalidInput("not a directory", directory)
+        return [], f"no policy directory {directory}"
+    names = sorted(n for n in os.listdir(directory) if n.endswith(EXTENSIONS))
+    return [load_policy_file(os.path.join(directory, n)) for n in names], directory
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from hvcpolicy.cli.common import emit_json
+    from hvcpolicy.diff import diff, text_lines
+    from hvcpolicy.snapshot import load_snapshot
+
+    old = load_snapshot(args.old)
+    new = load_snapshot(args.new)
+    policies, origin = _policies(args)
+    result = diff(old, new, policies)
+    if args.format == "json":
+        doc = result.to_json()
+        doc["policies_from"] = origin
+        emit_json(doc)
+    else:
+        sys.stdout.write("\n".join(text_lines(result, origin)) + "\n")
+    return EXIT_REFUSED if result.affected else EXIT_OK
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def _cell(text: str, width: int) -> str:
+    return text if len(text) < width else text[: width - 2] + "~ "
+
+
+def status_lines(rows: list[Any]) -> list[str]:
+    head = f" {'Id':<5}{'Name':<24}{'State':<11}{'Policy':<20}{'Applied':<36}Live"
+    lines = [head, "-" * (len(head) + 16)]
+    for r in rows:
+        applied = "-"
+        if r.applied is not None:
+            applied = f"{r.applied.host} {r.applied.kernel}".strip() or "(recorded)"
+        live = r.live
+        if r.detail:
+            live += f": {r.detail}"
+        lines.append(
+            f" {r.id_text:<5}{_cell(r.name, 24):<24}{r.state:<11}{_cell(r.policy_text, 20):<20}"
+            f"{_cell(applied, 36):<36}{live}"
+        )
+    return lines
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from hvcpolicy.cli.common import emit_json
+    from hvcpolicy.libvirt_status import DRIFT, collect
+
+    rows = collect(args.connect, args.policy_dir, args.timeout)
+    if args.format == "json":
+        emit_json([r.to_json() for r in rows])
+    else:
+        sys.stdout.write("\n".join(status_lines(rows)) + "\n")
+    return EXIT_REFUSED if any(r.live == DRIFT for r in rows) else EXIT_OK
