@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
+from typing import Any
 
-from tests.libvirt.conftest import SYSTEM_URI, Guest, Lab, stop_pid, virsh, wait_for
+from tests.libvirt.conftest import (
+    HOSTS,
+    MIGRATION_PORT,
+    SESSION_HOME,
+    SESSION_URI,
+    SYSTEM_URI,
+    Guest,
+    Lab,
+    stop_pid,
+    virsh,
+    wait_for,
+)
 
 VENDOR_HYP_BMAP = "0x6030000000160002"
 
@@ -113,3 +126,87 @@ def test_reconnect_leaves_the_guest_running(lab: Lab, guest_factory, system_libv
     assert g.state() == "running"
     lines = wait_for(lambda: audit_for(lab, g, "reconnect"), 20, "the reconnect audit line")
     assert "outcome=verified" in lines[0]
+
+
+def _migrate(lab: Lab, g: Guest, guest_factory) -> Any:
+    """Migrate ``g`` to the session daemon, with its QMP sockets moved to the session user's
+    directory (both daemons run on this one machine) and a simulator for the destination QEMU."""
+    dest_qemu = str(SESSION_HOME / "hvcpolicy" / f"{g.name}.qmp")
+    dest_sim = str(SESSION_HOME / "hvcpolicy" / f"{g.name}.sim")
+    xml = virsh(SYSTEM_URI, "dumpxml", "--migratable", g.name).stdout
+    xml = xml.replace(g.qemu_socket, dest_qemu).replace(g.sim_socket, dest_sim)
+    dest_xml = lab.root / f"{g.name}-dest.xml"
+    dest_xml.write_text(xml)
+    dest_xml.chmod(0o644)
+    guest_factory.sims.watch(dest_qemu, dest_sim, session=True)
+    return virsh(
+        SYSTEM_URI,
+        "migrate",
+        "--live",
+        g.name,
+        SESSION_URI,
+        f"tcp://127.0.0.1:{MIGRATION_PORT}",
+        "--xml",
+        str(dest_xml),
+        check=False,
+        timeout=180,
+    )
+
+
+def test_migration_refused_by_a_destination_lacking_a_carried_register(
+    lab: Lab, guest_factory, session_libvirtd
+) -> None:
+    g = guest_factory("web")
+    lab.hvcpolicy("start", g.name, "--connect", SYSTEM_URI)
+    assert "0x6030000000160003" in applied_registers(g.live_xml())  # VENDOR_HYP_BMAP_2
+    lab.set_host("session", "neoverse-n1_linux-6.1.json", "lab-destination-6-1")
+    try:
+        done = _migrate(lab, g, guest_factory)
+    finally:
+        lab.set_host("session", "neoverse-n1_linux-6.18.json", "lab-destination")
+    assert done.returncode != 0
+    assert "refuses an incoming migration of domain" in done.stderr
+    assert "VENDOR_HYP_BMAP_2" in done.stderr and "missing on the destination" in done.stderr
+    assert g.state() == "running"  # the source keeps running
+    assert "outcome=refused" in audit_for(lab, g, "migrate", "session")[0]
+    assert virsh(SESSION_URI, "domstate", g.name, check=False).returncode != 0
+
+
+def test_migration_refused_for_an_applied_value_the_destination_kernel_rejects(
+    lab: Lab, guest_factory, session_libvirtd
+) -> None:
+    g = guest_factory("web")
+    lab.hvcpolicy("start", g.name, "--connect", SYSTEM_URI)
+    assert applied_registers(g.live_xml())["0x6030000000140001"] == "0x2"  # WA1 NOT_REQUIRED
+    # a destination CPU that needs the Spectre-v2 mitigation (WA1 level 1, AVAIL): the kernel
+    # accepts a WA1 value only up to its own level, so loading 0x2 there fails
+    doc = json.loads((HOSTS / "neoverse-n1_linux-6.18.json").read_text())
+    doc["host"] = "lab-destination-wa1-avail"
+    doc["registers"]["0x6030000000140001"] = "0x1"
+    target = lab.session / "host.json"
+    target.write_text(json.dumps(doc))
+    try:
+        done = _migrate(lab, g, guest_factory)
+    finally:
+        lab.set_host("session", "neoverse-n1_linux-6.18.json", "lab-destination")
+    assert done.returncode != 0
+    assert "= 0x2: the destination kernel would reject it" in done.stderr
+    assert "mitigation level is 1 (EINVAL)" in done.stderr
+    assert g.state() == "running"
+
+
+def test_migration_to_a_compatible_destination(lab: Lab, guest_factory, session_libvirtd) -> None:
+    g = guest_factory("web")
+    lab.hvcpolicy("start", g.name, "--connect", SYSTEM_URI)
+    done = _migrate(lab, g, guest_factory)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert virsh(SESSION_URI, "domstate", g.name).stdout.strip() == "running"
+        assert g.state() == "shut off"
+        assert "outcome=allowed" in audit_for(lab, g, "migrate", "session")[0]
+        inmig = wait_for(lambda: audit_for(lab, g, "started/inmigrate", "session"), 10, "inmigrate")
+        assert "outcome=" in inmig[0]
+        # <hvc:applied> travelled with the guest
+        assert VENDOR_HYP_BMAP in applied_registers(virsh(SESSION_URI, "dumpxml", g.name).stdout)
+    finally:
+        virsh(SESSION_URI, "destroy", g.name, check=False)
