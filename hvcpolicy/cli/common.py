@@ -55,9 +55,9 @@ def resolve_subject(args: argparse.Namespace) -> Subject:
     if args.policy is not None:
         return Subject(load_policy(args.policy, args.policy_dir))
     if getattr(args, "domain", None) is not None:
-        from hvcpolicy import libvirt
+        from hvcpolicy import libvirt as libvirt_adapter
 
-        xml = libvirt.fetch_domain_xml(args.domain, args.connect)
+        xml = libvirt_adapter.fetch_domain_xml(args.domain, args.connect)
         where = f"domain {args.domain}"
     elif args.domain_xml is not None:
         xml, where = read_xml_arg(args.domain_xml)
