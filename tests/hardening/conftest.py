@@ -1,0 +1,26 @@
+"""Hardening suites: print the fuzzing figures (inputs, tracebacks, hangs) at the end of the run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.hardening.fuzzlib import FIGURES
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FIGURES:
+        return
+    tr = terminalreporter
+    tr.section("hvcpolicy hardening figures")
+    total_in = total_tb = total_hang = 0
+    for suite, fig in sorted(FIGURES.items()):
+        tr.write_line(
+            f"{suite:<34} inputs {fig.inputs:>8}  tracebacks {fig.tracebacks:>3}  "
+            f"hangs {fig.hangs:>3}  {fig.seconds:7.1f} s"
+        )
+        total_in += fig.inputs
+        total_tb += fig.tracebacks
+        total_hang += fig.hangs
+    tr.write_line(
+        f"{'TOTAL':<34} inputs {total_in:>8}  tracebacks {total_tb:>3}  hangs {total_hang:>3}"
+    )
