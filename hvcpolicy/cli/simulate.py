@@ -60,6 +60,11 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         help="vCPUs without the PSCI 0.2 feature (PSCI_VERSION reads and accepts only 0.1)",
     )
     p.add_argument(
+        "--protected",
+        action="store_true",
+        help="a protected (pKVM) VM: PSCI versions below 1.1 are refused",
+    )
+    p.add_argument(
         "--wa-levels",
         metavar="WA1,WA2,WA3",
         default=None,
@@ -87,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     profile = profile_for(args.kernel, _wa_levels(args.wa_levels))
     faults = Faults.parse(args.fault)
     psci_0_2 = not args.no_psci_0_2
+    protected = bool(args.protected)
     if args.vcpus is not None and not 1 <= args.vcpus <= MAX_VCPUS:
         raise UsageError(f"--vcpus {args.vcpus}: expected 1..{MAX_VCPUS}")
     if args.upstream and (args.vcpus is not None or args.runstate is not None):
@@ -95,11 +101,13 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> int:
         backend: SimBackend | UpstreamBackend
         if args.upstream:
-            backend = UpstreamBackend(
-                args.upstream, lambda n: SimVM(profile, n, psci_0_2=psci_0_2), faults
-            )
+
+            def make_vm(vcpus: int) -> SimVM:
+                return SimVM(profile, vcpus, psci_0_2=psci_0_2, protected=protected)
+
+            backend = UpstreamBackend(args.upstream, make_vm, faults)
         else:
-            vm = SimVM(profile, args.vcpus or 1, psci_0_2=psci_0_2)
+            vm = SimVM(profile, args.vcpus or 1, psci_0_2=psci_0_2, protected=protected)
             backend = SimBackend(vm, args.runstate or "prelaunch", faults)
         server = QMPServer(backend, faults)
         loop = asyncio.get_running_loop()

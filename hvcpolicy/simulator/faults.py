@@ -52,6 +52,7 @@ KINDS: dict[str, FaultKind] = {
     for k in (
         # issue 3
         FaultKind("no-greeting", "accept connections but never send the QMP greeting", False),
+        FaultKind("bad-greeting", "greet with a JSON object that is not a QMP greeting", False),
         FaultKind("hang", "never answer the command (nor anything after it)", True),
         FaultKind("drop", "write half the reply, then close the connection", True),
         FaultKind("error", "refuse the command (=CLASS, default GenericError)", True, _error_class),

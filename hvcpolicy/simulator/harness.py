@@ -28,10 +28,11 @@ async def simulator(
     runstate: str = "prelaunch",
     faults: Sequence[str] = (),
     psci_0_2: bool = True,
+    protected: bool = False,
 ) -> AsyncIterator[QMPServer]:
-    """A simulator serving ``socket_path`` in this event loop; ``.backend.vm`` is its SimVM."""
+    """A simulator serving ``socket_path`` in this event loop; ``.vm`` is its SimVM."""
     parsed = Faults.parse(list(faults))
-    vm = SimVM(profile_for(kernel), vcpus, psci_0_2=psci_0_2)
+    vm = SimVM(profile_for(kernel), vcpus, psci_0_2=psci_0_2, protected=protected)
     server = QMPServer(SimBackend(vm, runstate, parsed), parsed)
     await server.start(socket_path)
     try:
@@ -81,10 +82,18 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
 
 @contextlib.contextmanager
 def simulator_process(
-    socket_path: str, kernel: str = "6.18", *args: str, timeout: float = 15.0
+    socket_path: str,
+    kernel: str = "6.18",
+    *args: str,
+    timeout: float = 15.0,
+    standalone: bool = False,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """``python -m hvcpolicy simulate --socket PATH --kernel KERNEL ARGS...``, listening."""
-    cmd = [sys.executable, "-m", "hvcpolicy", "simulate", "--socket", socket_path]
+    """``python -m hvcpolicy simulate --socket PATH --kernel KERNEL ARGS...``, listening.
+
+    ``standalone``: run ``python -m hvcpolicy.simulator`` instead, which loads no other command.
+    """
+    entry = ["hvcpolicy.simulator"] if standalone else ["hvcpolicy", "simulate"]
+    cmd = [sys.executable, "-m", *entry, "--socket", socket_path]
     cmd += ["--kernel", kernel, *args]
     stale = _identity(socket_path)
     proc = subprocess.Popen(

@@ -83,6 +83,7 @@ class Backend:
     """What a session's commands run against."""
 
     server: QMPServer
+    vm: SimVM | None = None
 
     def greeting(self) -> dict[str, JSON]:
         raise NotImplementedError
@@ -121,7 +122,7 @@ class SimBackend(Backend):
     ) -> None:
         if runstate not in RUNSTATES:
             raise InvalidInput(f"--runstate {runstate!r}: expected one of {', '.join(RUNSTATES)}")
-        self.vm = vm
+        self.vm: SimVM = vm
         self.faults = faults or Faults()
         self.firmware = FirmwareRegisters(vm, self.faults)
         self.interface = not self.faults.has("no-interface")
@@ -287,7 +288,6 @@ class UpstreamBackend(Backend):
         self._task: asyncio.Task[None] | None = None
         self._shutdown_seen = False
         self.paths: dict[str, int] = {}
-        self.vm: SimVM | None = None
         self.firmware: FirmwareRegisters | None = None
         self._queue: list[dict[str, JSON]] = []
         self._splitter = JSONStreamSplitter(max_message=64 << 20)
@@ -462,7 +462,10 @@ class Session:
                 delay = faults.global_slow()
                 if delay:
                     await asyncio.sleep(delay)
-                self.write(json.dumps(self.server.backend.greeting()).encode() + b"\r\n")
+                greeting = self.server.backend.greeting()
+                if faults.has("bad-greeting"):
+                    greeting = {"hello": "not QMP"}
+                self.write(json.dumps(greeting).encode() + b"\r\n")
                 await self.writer.drain()
             else:
                 self.hung = True
@@ -668,6 +671,13 @@ class QMPServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._closed = False
+
+    @property
+    def vm(self) -> SimVM:
+        """The simulated VM (with --upstream: once connected)."""
+        if self.backend.vm is None:
+            raise RuntimeError("the upstream backend is not connected yet")
+        return self.backend.vm
 
     async def start(self, path: str) -> None:
         self._done = asyncio.get_running_loop().create_future()

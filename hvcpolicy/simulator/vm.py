@@ -8,7 +8,8 @@ Independent of :mod:`hvcpolicy.kernel` (see :mod:`hvcpolicy.simulator.profiles`)
   ran); after the VM ran, a value that differs from the current one is EBUSY (the same value is
   fine); otherwise stored. Any subset of the mask is accepted.
 - PSCI_VERSION: a vCPU with the PSCI 0.2 feature accepts 0.2 .. the newest version the kernel
-  implements; one without accepts only 0.1 (and reads 0.1). No "already ran" check.
+  implements; one without accepts only 0.1 (and reads 0.1). No "already ran" check. A protected
+  (pKVM) VM refuses versions below 1.1 ("newest kernels" in the reference: ``protected=True``).
 - SMCCC_ARCH_WORKAROUND_1/3: accepted iff no bit outside 0xf and value <= the host's level.
 - SMCCC_ARCH_WORKAROUND_2: bits outside 0x1f EINVAL; the ENABLED bit (0x10) only with level 2;
   levels 0/1 are class NOT_AVAIL (0), 2/3 class NOT_REQUIRED (3); accepted iff host level >= class;
@@ -25,7 +26,7 @@ from hvcpolicy.catalogue import (
     SMCCC_ARCH_WORKAROUND_2,
     SMCCC_ARCH_WORKAROUND_3,
 )
-from hvcpolicy.simulator.profiles import BITMAPS, PSCI_0_1, KernelProfile
+from hvcpolicy.simulator.profiles import BITMAPS, PSCI_0_1, PSCI_1_1, KernelProfile
 
 U64_MAX = (1 << 64) - 1
 
@@ -55,12 +56,19 @@ class SimVM:
     Registers are per VM, so :meth:`get` and :meth:`set` take the vCPU only to check it exists.
     """
 
-    def __init__(self, profile: KernelProfile, vcpus: int = 1, psci_0_2: bool = True) -> None:
+    def __init__(
+        self,
+        profile: KernelProfile,
+        vcpus: int = 1,
+        psci_0_2: bool = True,
+        protected: bool = False,
+    ) -> None:
         if vcpus < 1:
             raise ValueError("a VM needs at least one vCPU")
         self.profile = profile
         self.vcpus = vcpus
         self.psci_0_2 = psci_0_2
+        self.protected = protected
         self._values = profile.fresh_values(psci_0_2)
         self._has_run = False
 
@@ -119,7 +127,7 @@ class SimVM:
 
     def _set_psci(self, value: int) -> None:
         accepted = self.profile.psci_accepted if self.psci_0_2 else (PSCI_0_1,)
-        if value not in accepted:
+        if value not in accepted or (self.protected and value < PSCI_1_1):
             raise KernelError("EINVAL", PSCI_VERSION, value)
         self._values[PSCI_VERSION] = value
 

@@ -183,3 +183,22 @@ def test_help_lists_every_fault() -> None:
     text = " ".join(result.stdout.split())
     for name in KINDS:
         assert f"{name}:" in text
+
+
+def test_standalone_entry_point(sock: str) -> None:
+    with simulator_process(sock, "6.1", "--vcpus", "2", standalone=True) as proc:
+
+        async def body() -> None:
+            c = await RawQMP.open(sock)
+            assert len(await c.ok("query-cpus-fast")) == 2
+            await c.ok("quit")
+
+        arun(body())
+        assert proc.wait(10) == 0
+    bad = subprocess.run(
+        [sys.executable, "-m", "hvcpolicy.simulator", "--socket", sock, "--kernel", "2.6"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert bad.returncode == 4 and bad.stderr.count("\n") == 1

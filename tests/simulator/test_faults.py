@@ -68,7 +68,7 @@ def test_hang_on_a_command(sock: str) -> None:
             assert await silent(c)
             await c.send({"execute": "query-status"})
             assert await silent(c)  # a hung monitor answers nothing after it either
-            assert server.backend.vm.get(int(VHYP, 16)) == 3  # type: ignore[attr-defined]
+            assert server.vm.get(int(VHYP, 16)) == 3
             await c.close()
             # A qemu.qmp client sees its own bounded wait expire.
             client = QMPClient("t")
@@ -142,7 +142,7 @@ def test_error_on_a_command(sock: str) -> None:
             reply = await c.cmd("cont", id=3)
             assert reply["id"] == 3 and reply["error"]["class"] == "GenericError"
             assert "simulated failure of cont" in reply["error"]["desc"]
-            assert not server.backend.vm.has_run  # type: ignore[attr-defined]
+            assert not server.vm.has_run
             assert c.events == []
             reply = await c.cmd("qom-list", {"path": CPU0})
             assert reply["error"]["class"] == "DeviceNotFound"
@@ -206,7 +206,7 @@ def test_no_interface(sock: str) -> None:
 def test_partial_write(fault: str, written: int, sock: str) -> None:
     async def body() -> None:
         async with simulator(sock, "6.18", faults=[fault]) as server:
-            vm = server.backend.vm  # type: ignore[attr-defined]
+            vm = server.vm
             c = await RawQMP.open(sock)
             order = [STD, STD_HYP, VHYP]
             reply = await c.cmd("qom-set", qom_set({STD: 0, STD_HYP: 0, VHYP: 0})["arguments"])
@@ -374,3 +374,18 @@ def test_fault_spec_round_trip() -> None:
         "error@cont=DeviceNotFound",
     ]
     assert faults.global_slow() == 0.5
+
+
+def test_bad_greeting(sock: str) -> None:
+    async def body() -> None:
+        async with simulator(sock, "6.18", faults=["bad-greeting"]):
+            c = await RawQMP.open(sock, negotiate=False)
+            greeting = await c.recv()
+            assert "QMP" not in greeting
+            await c.close()
+            client = QMPClient("t")
+            with pytest.raises(Exception) as info:  # qemu.qmp refuses the greeting
+                await asyncio.wait_for(client.connect(sock), 3)
+            assert not isinstance(info.value, TimeoutError)
+
+    arun(body())

@@ -193,7 +193,7 @@ def test_bad_register_values_write_nothing(value: Any, fragment: str, sock: str)
             assert reply["error"]["class"] == "GenericError"
             assert reply["error"]["desc"].startswith(f"{PROP}: ")
             assert fragment in reply["error"]["desc"]
-            assert server.backend.vm.get(0x6030000000160002) == 0x3  # type: ignore[attr-defined]
+            assert server.vm.get(0x6030000000160002) == 0x3
             await c.close()
 
     arun(body())
@@ -217,14 +217,14 @@ def test_events_and_runstates(sock: str) -> None:
             }
             assert await a.ok("stop") == {}  # stop in prelaunch: nothing happens (QEMU 7.2)
             assert (await a.ok("query-status"))["status"] == "prelaunch"
-            assert not server.backend.vm.has_run  # type: ignore[attr-defined]
+            assert not server.vm.has_run
             await a.send({"execute": "cont", "id": 1})
             reply = await a.reply()
             assert reply == {"return": {}, "id": 1}
             assert _event_names(a) == ["RESUME"]  # the event comes before the reply
             ev = a.events[0]
             assert ev["data"] == {} and set(ev["timestamp"]) == {"seconds", "microseconds"}
-            assert server.backend.vm.has_run  # type: ignore[attr-defined]
+            assert server.vm.has_run
             assert (await a.ok("query-status"))["running"] is True
             assert await a.ok("cont") == {}  # already running: no second RESUME
             await a.ok("stop")
@@ -274,7 +274,7 @@ def test_initial_runstate(runstate: str, status: str, ran: bool, sock: str) -> N
             await c.ok("cont")
             assert (await c.ok("query-status"))["status"] == "running"
             assert _event_names(c) == ([] if runstate == "running" else ["RESUME"])
-            assert server.backend.vm.has_run  # type: ignore[attr-defined]
+            assert server.vm.has_run
             await c.close()
 
     arun(body())

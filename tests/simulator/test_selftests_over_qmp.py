@@ -93,7 +93,7 @@ def test_selftest_vectors(kernel: str, sock: str) -> None:
                 above = 1 << mask.bit_length()
                 assert refused(await g.write({rid: above}), rid, above, "EINVAL")
             await g.run()
-            assert server.backend.vm.has_run  # type: ignore[attr-defined]
+            assert server.vm.has_run
             after = await g.read(1)
             for rid in bitmaps:
                 reset, mask = BITMAPS[rid]
@@ -127,7 +127,7 @@ def test_write_stops_at_first_refusal(sock: str) -> None:
             regs = await g.read()
             assert regs[0x6030000000160002] == 0x1  # written before the refusal
             assert regs[0x6030000000160000] == 0x1  # after it: untouched
-            assert server.backend.vm.get(0x6030000000160002) == 0x1  # type: ignore[attr-defined]
+            assert server.vm.get(0x6030000000160002) == 0x1
             await g.close()
 
     arun(body())

@@ -129,3 +129,11 @@ def test_api_guards() -> None:
     assert not vm.has_run
     vm.run()
     assert vm.has_run
+
+
+def test_protected_vm_refuses_psci_below_1_1() -> None:
+    vm = SimVM(profile_for("6.18"), protected=True)
+    assert errno_of(vm, PSCI_VERSION, 0x2) == "EINVAL"
+    assert errno_of(vm, PSCI_VERSION, 0x10000) == "EINVAL"
+    assert errno_of(vm, PSCI_VERSION, 0x10001) is None
+    assert errno_of(vm, PSCI_VERSION, 0x10003) is None
