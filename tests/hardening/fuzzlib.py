@@ -417,7 +417,9 @@ def random_domain_xml(rng: random.Random) -> bytes:
         if depth < 3 and rng.random() < (0.7 if local == "applied" else 0.1):
             kids = "".join(element(depth + 1) for _ in range(rng.randrange(6)))
         a = attrs(XML_HVC_ELEMENTS.get(local, []))
-        return f"<{prefix}{local} {a}>{kids}</{prefix}{local}>" if kids else f"<{prefix}{local} {a}/>"
+        return (
+            f"<{prefix}{local} {a}>{kids}</{prefix}{local}>" if kids else f"<{prefix}{local} {a}/>"
+        )
 
     ns = rng.choice([HVC] * 10 + [HVC + "/", "https://hvcpolicy.dev/xmlns/libvirt/2", ""])
     decl = f'xmlns:hvc="{ns}"' if ns else ""

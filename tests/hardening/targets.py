@@ -15,7 +15,6 @@ from hvcpolicy.merge import merge
 from hvcpolicy.planner import check_migration, plan_start
 from hvcpolicy.policy import Policy, decode_file, load_policy_file, parse_policy
 from hvcpolicy.snapshot import Snapshot, baseline, decode_json, dumps, load_snapshot, parse_snapshot
-
 from tests.hardening.fuzzlib import HERE
 
 EXAMPLES = HERE.parent.parent / "examples"
@@ -110,7 +109,7 @@ XML_TOKENS = [
     b"]]>",
     b"<?xml version='1.0' encoding='latin-1'?>",
     b"<?xml version='1.0' encoding='utf-16'?>",
-    b'<?pi x?>',
+    b"<?pi x?>",
     b"<!-- c -->",
     b"<metadata>",
     b"</metadata>",

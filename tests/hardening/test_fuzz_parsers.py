@@ -175,7 +175,9 @@ json_docs = st.recursive(
     scalars,
     lambda kids: st.one_of(
         st.lists(kids, max_size=4),
-        st.dictionaries(st.one_of(st.sampled_from(POLICY_KEYS), st.text(max_size=8)), kids, max_size=5),
+        st.dictionaries(
+            st.one_of(st.sampled_from(POLICY_KEYS), st.text(max_size=8)), kids, max_size=5
+        ),
     ),
     max_leaves=20,
 )
@@ -197,11 +199,19 @@ policy_docs = st.fixed_dictionaries(
         "spec": st.fixed_dictionaries(
             {},
             optional={
-                "features": st.dictionaries(feature_keys, st.sampled_from(["allow", "deny", "require"]) | scalars, max_size=6),
+                "features": st.dictionaries(
+                    feature_keys,
+                    st.sampled_from(["allow", "deny", "require"]) | scalars,
+                    max_size=6,
+                ),
                 "unknown": st.sampled_from(["deny", "allow", "refuse"]) | scalars,
-                "psci": st.fixed_dictionaries({}, optional={"version": st.text(max_size=8) | scalars}),
+                "psci": st.fixed_dictionaries(
+                    {}, optional={"version": st.text(max_size=8) | scalars}
+                ),
                 "workarounds": st.dictionaries(
-                    st.sampled_from(POLICY_KEYS), st.sampled_from(["any", "available", "not-required"]) | scalars, max_size=3
+                    st.sampled_from(POLICY_KEYS),
+                    st.sampled_from(["any", "available", "not-required"]) | scalars,
+                    max_size=3,
                 ),
                 "enforcement": st.dictionaries(
                     st.sampled_from(["unsupported-qemu", "already-running", "x"]),
@@ -249,7 +259,10 @@ xml_text = st.text(
 @_HYP
 @given(
     feats=st.lists(st.tuples(xml_text, xml_text), max_size=4),
-    extra=st.lists(st.tuples(st.sampled_from(["unknown", "psci", "qmp", "resume", "bogus"]), xml_text), max_size=3),
+    extra=st.lists(
+        st.tuples(st.sampled_from(["unknown", "psci", "qmp", "resume", "bogus"]), xml_text),
+        max_size=3,
+    ),
     regs=st.lists(st.tuples(xml_text, xml_text), max_size=4),
     ref=xml_text,
 )
