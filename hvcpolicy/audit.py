@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
 
 from hvcpolicy.errors import bounded
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 _FIELDS = ("domain", "uuid", "stage", "policy", "outcome", "before", "after", "reason")
 

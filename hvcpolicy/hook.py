@@ -30,12 +30,13 @@ import sys
 if __name__ == "__main__":  # run as a file under -I -S: put the package's directory on sys.path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from collections.abc import Callable, Mapping
-from typing import IO, TYPE_CHECKING, Any
-
 from hvcpolicy.errors import HvcError, InvalidInput, Refused, Unavailable
 
+TYPE_CHECKING = False  # typing costs more than the interpreter's start-up: checker-only names
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import IO, Any
+
     from hvcpolicy.domainxml import Domain
     from hvcpolicy.policy import Policy
     from hvcpolicy.snapshot import Snapshot
