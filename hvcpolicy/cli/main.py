@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "hvcpolicy.cli.simulate",
     "hvcpolicy.cli.host",
     "hvcpolicy.cli.libvirt",
+    "hvcpolicy.cli.apply",
     "hvcpolicy.cli.daytwo",
 )
 
