@@ -376,6 +376,8 @@ class UpstreamBackend(Backend):
 
     async def execute(self, name: str, args: dict[str, JSON], has_args: bool) -> JSON:
         path = args.get("path")
+        if not isinstance(path, str):
+            path = None
         ours = (
             self.interface
             and name in ("qom-get", "qom-set")
@@ -415,6 +417,10 @@ class UpstreamBackend(Backend):
 
 # ---------------------------------------------------------------------------------------------
 # Protocol.
+
+
+def _no_constant(name: str) -> JSON:
+    raise ValueError(f"invalid keyword '{name}'")
 
 
 def _error(klass: str, desc: str) -> dict[str, JSON]:
@@ -488,8 +494,8 @@ class Session:
             await self.reply(_error("GenericError", chunk.error), {})
             return
         try:
-            msg = json.loads(chunk.text)
-        except (ValueError, UnicodeDecodeError) as err:
+            msg = json.loads(chunk.text, parse_constant=_no_constant)  # no NaN, as QEMU
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
             desc = getattr(err, "msg", str(err))
             await self.reply(_error("GenericError", f"JSON parse error, {desc}"), {})
             return
@@ -536,6 +542,9 @@ class Session:
             resp: dict[str, JSON] = {"return": result}
         except CommandError as err:
             resp = _error(err.klass, err.desc)
+        except Exception as err:  # a simulator bug: answer it rather than drop the client
+            desc = f"hvcpolicy simulate internal error: {type(err).__name__}: {err}"
+            resp = _error("GenericError", desc)
         await self.reply(with_id(resp), hits)
         if "return" in resp and self.server.backend.quits_locally(name):
             self.server.request_stop(0)

@@ -310,3 +310,35 @@ def test_replies_end_with_newline_and_are_single_lines(sock: str) -> None:
             await c.close()
 
     arun(body())
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"[" * 5000 + b"]" * 5000,
+        b'{"execute": ' + b"[" * 990 + b"]" * 990 + b"}",
+        b'{"execute": "query-status", "id": "\xff\xfe"}',
+        b"}}}]]]",
+        b'"just a string" 12 null true',
+        b'{"execute": "qom-list", "arguments": {"path": ["a"]}}',
+        b'{"execute": "qom-get", "arguments": {"path": {}, "property": 1}}',
+        b'{"execute": "query-status", "arguments": {}, "id": NaN}',
+        b"\x00\x01\x02",
+    ],
+)
+def test_garbage_never_kills_the_connection(garbage: bytes, sock: str) -> None:
+    async def body() -> None:
+        async with simulator(sock, "6.18"):
+            c = await RawQMP.open(sock)
+            await c.send(garbage)
+            await c.send({"execute": "query-status", "id": "after"})
+            while True:
+                reply = await c.reply()
+                if reply.get("id") == "after":
+                    break
+                assert reply["error"]["class"] == "GenericError"
+                assert "internal error" not in reply["error"]["desc"]
+            assert reply["return"]["status"] == "prelaunch"
+            await c.close()
+
+    arun(body())
