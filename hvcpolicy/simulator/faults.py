@@ -80,6 +80,12 @@ KINDS: dict[str, FaultKind] = {
             _count,
         ),
         FaultKind(
+            "resume",
+            "just before the command, another monitor resumes the vCPUs (RESUME; with "
+            "--upstream a real cont)",
+            True,
+        ),
+        FaultKind(
             "exit",
             "exit before answering, as a QEMU that dies mid-apply (the socket file stays)",
             True,

@@ -95,6 +95,10 @@ class Backend:
         """True when the server itself must stop once this command was answered."""
         return False
 
+    async def resume_elsewhere(self) -> None:
+        """Another monitor (libvirt) resumes the vCPUs: the ``resume`` fault."""
+        await self.execute("cont", {}, False)
+
     async def close(self) -> None:
         return None
 
@@ -527,6 +531,9 @@ class Session:
         if "hang" in hits:
             self.hung = True
             return
+        if "resume" in hits:
+            with contextlib.suppress(CommandError):
+                await self.server.backend.resume_elsewhere()
         if "error" in hits:
             klass = hits["error"].value or "GenericError"
             desc = f"simulated failure of {name} (--fault {hits['error']})"

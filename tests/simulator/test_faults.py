@@ -389,3 +389,18 @@ def test_bad_greeting(sock: str) -> None:
             assert not isinstance(info.value, TimeoutError)
 
     arun(body())
+
+
+def test_resume_races_the_write(sock: str) -> None:
+    async def body() -> None:
+        async with simulator(sock, "6.18", faults=["resume@qom-set"]) as server:
+            c = await RawQMP.open(sock)
+            assert (await c.ok("query-status"))["status"] == "prelaunch"
+            reply = await c.cmd("qom-set", qom_set({VHYP: 1})["arguments"])
+            assert reply["error"]["desc"].endswith(f"{VHYP}=0x1 failed: EBUSY")
+            assert [e["event"] for e in c.events] == ["RESUME"]  # the event came first
+            assert server.vm.has_run and server.vm.get(int(VHYP, 16)) == 3
+            assert (await c.ok("query-status"))["status"] == "running"
+            await c.close()
+
+    arun(body())

@@ -173,3 +173,22 @@ def test_qemu_going_away_ends_the_simulator(sock: str) -> None:
         assert sim.stderr is not None
         err = sim.stderr.read().decode()
         assert err.count("\n") == 1 and "upstream QEMU closed" in err
+
+
+def test_resume_fault_resumes_the_real_qemu(sock: str) -> None:
+    qsock = sock + ".qemu"
+    with (
+        real_qemu(qsock),
+        simulator_process(sock, "6.18", "--upstream", qsock, "--fault", "resume@qom-set"),
+    ):
+
+        async def body() -> None:
+            c = await RawQMP.open(sock)
+            path = (await c.ok("query-cpus-fast"))[0]["qom-path"]
+            reply = await c.cmd("qom-set", {"path": path, "property": PROP, "value": {VHYP: 1}})
+            assert reply["error"]["desc"].endswith("failed: EBUSY")
+            assert [e["event"] for e in c.events] == ["RESUME"]  # the real QEMU's event
+            assert (await c.ok("query-status"))["status"] == "running"
+            await c.close()
+
+        arun(body())
