@@ -26,7 +26,8 @@ KIND = "FirmwarePolicy"
 DEFAULT_POLICY_DIR = "/etc/hvcpolicy/policies"
 DEFAULT_NAME = "default"
 EXTENSIONS = (".yaml", ".yml", ".json")
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# \Z, not $: "$" also matches before a trailing newline ("fleet-2026\n" would pass).
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 
 class Mode(enum.Enum):
