@@ -14,19 +14,13 @@ from typing import Any
 
 from hvcpolicy.errors import EXIT_OK, EXIT_REFUSED, InvalidInput
 
-DIFF_EPILOG = """\
-example: hvcpolicy diff examples/hosts/neoverse-n1_linux-6.1.json \
-examples/hosts/neoverse-n1_linux-6.18.json --policy-dir examples/policies
-
-exit status: 0 nothing that matters changed for the policies checked, 3 a policy is affected
-(refused, sees something new or loses something, or a migration between the two hosts refused),
-4 invalid input."""
-
-STATUS_EPILOG = """\
-example: hvcpolicy status --connect qemu:///system --format json
-
-exit status: 0 every running domain's live registers match its record (or its policy),
-3 some domain's do not (DRIFT), 5 libvirt unreachable."""
+DIFF_EPILOG = (
+    "example: hvcpolicy diff examples/hosts/neoverse-n1_linux-6.1.json "
+    "examples/hosts/neoverse-n1_linux-6.18.json --policy-dir examples/policies"
+)
+# shtab's completion of a file argument, without importing shtab at run time
+FILES = {"bash": "_shtab_compgen_files", "zsh": "_files"}
+STATUS_EPILOG = "example: hvcpolicy status --connect qemu:///system --format json"
 
 
 def register(sub: Any, parent: argparse.ArgumentParser) -> None:
@@ -38,12 +32,14 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         "registers added or gone, bits offered or withdrawn, the PSCI default, mitigation levels "
         "up or down. Then, for each policy given (or every policy in the policy directory): would "
         "guests now be refused, would they see something new (or lose something), and could they "
-        "still migrate between a host on the old and one on the new kernel, in both directions.",
+        "still migrate between a host on the old and one on the new kernel, in both directions. "
+        "Exit 0 when nothing that matters changed for the policies checked, 3 when a policy is "
+        "affected, 4 on invalid input.",
         epilog=DIFF_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("old", metavar="OLD.json", help="snapshot before (e.g. the old kernel)")
-    p.add_argument("new", metavar="NEW.json", help="snapshot after (e.g. the new kernel)")
+    for name, when in (("old", "before (e.g. the old kernel)"), ("new", "after")):
+        arg = p.add_argument(name, metavar=f"{name.upper()}.json", help=f"snapshot {when}")
+        arg.complete = FILES  # read by shtab (scripts/gen-docs.py)
     p.add_argument(
         "--policy",
         action="append",
@@ -60,9 +56,10 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         description="List every libvirt domain with the policy it runs under, its <hvc:applied> "
         "record, and whether its live firmware registers (read over libvirt's QMP pass-through, "
         "or the domain's <hvc:qmp> socket when QEMU itself lacks the interface) still match that "
-        "record. Like `virsh list --all`; --format json for monitoring.",
+        "record (without a record: what the policy plans). Like `virsh list --all`; --format json "
+        "for monitoring. Exit 0 when every checked domain matches, 3 when one drifted (DRIFT), "
+        "5 when libvirt is unreachable.",
         epilog=STATUS_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--timeout", type=float, default=5.0, metavar="SECONDS", help="bound on each QMP wait"
