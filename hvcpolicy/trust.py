@@ -1,0 +1,132 @@
+"""What hvcpolicy trusts on disk: policy files and the QMP socket (docs/SECURITY.md).
+
+The hook runs as root inside libvirtd. A policy decides which firmware services a guest sees,
+so as root a policy is only read from a file that root alone could have written: the file and
+every directory above it, up to ``/``, owned by root and writable by neither group nor others
+(sshd's StrictModes, sudo's sudoers checks). A policy named by a domain (``ref``) resolves, after
+every symlink, inside the policy directory. The QMP socket the hook talks to must be a socket
+(``lstat``: not a symlink to one) in a directory others cannot write, so a guest's user cannot
+plant a fake QEMU there.
+
+Stdlib only and cheap: one ``stat`` per path component, no file is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from hvcpolicy.errors import InvalidInput, bounded
+
+__all__ = ["check_policy_path", "check_qmp_socket", "check_tree"]
+
+_WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+
+
+def _who(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def check_tree(path: str, what: str, owner: int = 0) -> None:
+    """``path`` (already resolved) and every directory above it: owned by ``owner`` (or root)
+    and writable by no group and no other user. InvalidInput names the first that is not."""
+    current = path
+    while True:
+        try:
+            st = os.stat(current)
+        except OSError as err:
+            raise InvalidInput(
+                f"not trusted: cannot stat {bounded(current)}: {err.strerror}", what
+            ) from None
+        if st.st_uid not in (0, owner):
+            raise InvalidInput(
+                f"not trusted: {bounded(current)} is owned by {_who(st.st_uid)}, not root "
+                f"(fix: chown root {bounded(current)})",
+                what,
+            )
+        if st.st_mode & _WRITABLE_BY_OTHERS:
+            who = (
+                "group and others"
+                if st.st_mode & stat.S_IWOTH and st.st_mode & stat.S_IWGRP
+                else ("others" if st.st_mode & stat.S_IWOTH else "its group")
+            )
+            raise InvalidInput(
+                f"not trusted: {bounded(current)} is writable by {who} "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}; fix: chmod go-w {bounded(current)})",
+                what,
+            )
+        parent = os.path.dirname(current)
+        if parent == current:
+            return
+        current = parent
+
+
+def check_policy_path(path: str, policy_dir: str | None, as_root: bool) -> str:
+    """Check a policy file before it is read; the resolved path to read.
+
+    - ``policy_dir`` given (a policy named by ``ref`` or ``default``): the file, after every
+      symlink, must lie inside the resolved policy directory.
+    - ``as_root``: the resolved file and each directory above it up to ``/`` must be owned by
+      root and not writable by group or others; the file must be a regular file.
+
+    InvalidInput (exit 4) names the file and what to fix.
+    """
+    if "\0" in path:
+        raise InvalidInput("not trusted: the path holds a NUL byte", bounded(path))
+    real = os.path.realpath(path)
+    if policy_dir is not None:
+        real_dir = os.path.realpath(policy_dir)
+        if not _inside(real, real_dir) or real == real_dir:
+            raise InvalidInput(
+                f"not trusted: resolves to {bounded(real)}, outside the policy directory "
+                f"{bounded(real_dir)}",
+                bounded(path),
+            )
+    if not as_root:
+        return real
+    try:
+        st = os.stat(real)
+    except OSError as err:
+        raise InvalidInput(f"cannot read: {err.strerror}", bounded(path)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInput("not trusted: not a regular file", bounded(path))
+    check_tree(real, bounded(path))
+    return real
+
+
+def check_qmp_socket(path: str) -> None:
+    """The QMP socket the hook or ``apply`` is about to connect to.
+
+    Raises FileNotFoundError while the socket does not exist yet (QEMU may still be creating
+    it: callers retry, bounded), InvalidInput when it is a symlink, not a socket, not absolute,
+    or in a directory that others (``o+w``) can write.
+    """
+    where = f"QMP socket {bounded(path)}"
+    if not path.startswith("/") or "\0" in path:
+        raise InvalidInput("must be an absolute path", where)
+    st = os.lstat(path)  # FileNotFoundError propagates: not there yet
+    if stat.S_ISLNK(st.st_mode):
+        raise InvalidInput("not trusted: a symlink (name the socket itself)", where)
+    if not stat.S_ISSOCK(st.st_mode):
+        raise InvalidInput("not trusted: not a unix socket", where)
+    parent = os.path.dirname(path) or "/"
+    try:
+        pst = os.stat(parent)
+    except OSError as err:
+        raise InvalidInput(f"cannot stat its directory: {err.strerror}", where) from None
+    if pst.st_mode & stat.S_IWOTH:
+        raise InvalidInput(
+            f"not trusted: its directory {bounded(parent)} is writable by others "
+            f"(mode {stat.S_IMODE(pst.st_mode):04o}); use a directory only QEMU's user and root "
+            "can write, e.g. /var/lib/libvirt/qemu/hvcpolicy",
+            where,
+        )
