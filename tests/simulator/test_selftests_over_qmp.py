@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from hvcpolicy.simulator.harness import simulator
+from hvcpolicy.simulator.harness import simulator, simulator_process
 from hvcpolicy.simulator.profiles import BITMAPS, PROFILE_NAMES, profile_for
 from tests.simulator.conftest import arun
 
@@ -62,58 +62,69 @@ def refused(desc: str | None, rid: int, value: int, errno: str) -> bool:
     return desc == f"{PROP}: KVM_SET_ONE_REG 0x{rid:016x}=0x{value:x} failed: {errno}"
 
 
-@pytest.mark.parametrize("kernel", PROFILE_NAMES)
-def test_selftest_vectors(kernel: str, sock: str) -> None:
+async def selftests(sock: str, kernel: str) -> None:
+    """The reference's selftest assertions against the simulator serving ``sock``."""
     profile = profile_for(kernel)
     bitmaps = [r for r in profile.registers if r in BITMAPS]
+    g = await Guest.connect(sock)
+    fresh = await g.read()
+    # Every listed register, and only those, reads.
+    assert sorted(fresh) == list(profile.registers)
+    assert fresh == profile.fresh_values()
+    # Every listed register accepts a write of its own current value before the run.
+    for rid, value in fresh.items():
+        assert await g.write({rid: value}) is None, hex(rid)
+    written: dict[int, int] = {}
+    for rid in bitmaps:
+        reset, mask = BITMAPS[rid]
+        # The first GET of each bitmap equals its reset value.
+        assert (await g.read())[rid] == reset
+        # Writing 0 (or the full mask where the reset is 0) succeeds and reads back,
+        # through every vCPU: the bitmaps are per VM.
+        target = mask if reset == 0 else 0
+        assert await g.write({rid: target}) is None
+        assert (await g.read(0))[rid] == target
+        assert (await g.read(1))[rid] == target
+        written[rid] = target
+        # The bit just above the mask: EINVAL.
+        above = 1 << mask.bit_length()
+        assert refused(await g.write({rid: above}), rid, above, "EINVAL")
+    await g.run()
+    assert (await g.client.execute("query-status"))["status"] == "paused"  # type: ignore[index]
+    after = await g.read(1)
+    for rid in bitmaps:
+        reset, mask = BITMAPS[rid]
+        # After a vCPU ran: GET returns the last written value ...
+        assert after[rid] == written[rid]
+        # ... writing a different value fails EBUSY, the same value succeeds,
+        other = mask if written[rid] != mask else 0
+        assert refused(await g.write({rid: other}), rid, other, "EBUSY")
+        assert await g.write({rid: written[rid]}) is None
+        # ... and bits outside the mask are still EINVAL.
+        above = 1 << mask.bit_length()
+        assert refused(await g.write({rid: above}), rid, above, "EINVAL")
+    # A fresh PSCI-0.2 vCPU on a current kernel reads PSCI_VERSION >= 1.3.
+    if profile.version >= (6, 13):
+        assert fresh[0x6030000000140000] >= 0x10003
+    else:
+        assert fresh[0x6030000000140000] < 0x10003
+    await g.close()
 
+
+@pytest.mark.parametrize("kernel", PROFILE_NAMES)
+def test_selftest_vectors(kernel: str, sock: str) -> None:
     async def body() -> None:
         async with simulator(sock, kernel, vcpus=2) as server:
-            g = await Guest.connect(sock)
-            fresh = await g.read()
-            # Every listed register, and only those, reads.
-            assert sorted(fresh) == list(profile.registers)
-            assert fresh == profile.fresh_values()
-            # Every listed register accepts a write of its own current value before the run.
-            for rid, value in fresh.items():
-                assert await g.write({rid: value}) is None, hex(rid)
-            written: dict[int, int] = {}
-            for rid in bitmaps:
-                reset, mask = BITMAPS[rid]
-                # The first GET of each bitmap equals its reset value.
-                assert (await g.read())[rid] == reset
-                # Writing 0 (or the full mask where the reset is 0) succeeds and reads back,
-                # through every vCPU: the bitmaps are per VM.
-                target = mask if reset == 0 else 0
-                assert await g.write({rid: target}) is None
-                assert (await g.read(0))[rid] == target
-                assert (await g.read(1))[rid] == target
-                written[rid] = target
-                # The bit just above the mask: EINVAL.
-                above = 1 << mask.bit_length()
-                assert refused(await g.write({rid: above}), rid, above, "EINVAL")
-            await g.run()
+            await selftests(sock, kernel)
             assert server.vm.has_run
-            after = await g.read(1)
-            for rid in bitmaps:
-                reset, mask = BITMAPS[rid]
-                # After a vCPU ran: GET returns the last written value ...
-                assert after[rid] == written[rid]
-                # ... writing a different value fails EBUSY, the same value succeeds,
-                other = mask if written[rid] != mask else 0
-                assert refused(await g.write({rid: other}), rid, other, "EBUSY")
-                assert await g.write({rid: written[rid]}) is None
-                # ... and bits outside the mask are still EINVAL.
-                above = 1 << mask.bit_length()
-                assert refused(await g.write({rid: above}), rid, above, "EINVAL")
-            # A fresh PSCI-0.2 vCPU on a current kernel reads PSCI_VERSION >= 1.3.
-            if profile.version >= (6, 13):
-                assert fresh[0x6030000000140000] >= 0x10003
-            else:
-                assert fresh[0x6030000000140000] < 0x10003
-            await g.close()
 
     arun(body())
+
+
+@pytest.mark.parametrize("kernel", ["5.10", "6.18.30-61.116.amzn2023.aarch64"])
+def test_selftest_vectors_against_the_cli_process(kernel: str, sock: str) -> None:
+    with simulator_process(sock, kernel, "--vcpus", "2"):
+        arun(selftests(sock, kernel))
 
 
 def test_write_stops_at_first_refusal(sock: str) -> None:
