@@ -1,0 +1,284 @@
+"""The hook without libvirt: ``hooks/qemu``'s shell pre-filter, and ``hvcpolicy/hook.py`` stage by
+stage, run the way libvirt runs them (a separate, isolated process; the XML on stdin) against
+``hvcpolicy simulate``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hvcpolicy import hook as hookmod
+from hvcpolicy.errors import InvalidInput
+from hvcpolicy.simulator.harness import simulator_process
+
+REPO = Path(__file__).resolve().parents[2]
+NS = "https://hvcpolicy.dev/xmlns/libvirt/1"
+LIBVIRT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/nonexistent", "LC_ALL": "C"}
+
+
+def domain(ref: str | None, sock: str = "/nonexistent.sock", extra: str = "") -> str:
+    meta = ""
+    if ref is not None:
+        meta = (
+            f'  <metadata>\n    <hvc:policy xmlns:hvc="{NS}" ref="{ref}">\n'
+            f'      <hvc:qmp socket="{sock}"/>\n{extra}    </hvc:policy>\n  </metadata>\n'
+        )
+    return (
+        "<domain type='qemu' id='7'>\n  <name>g1</name>\n"
+        "  <uuid>6a1f2c3d-0000-4000-8000-000000000002</uuid>\n"
+        f"{meta}  <memory unit='KiB'>131072</memory>\n  <vcpu placement='static'>1</vcpu>\n"
+        "  <devices><console type='pty'/></devices>\n</domain>\n"
+    )
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> Path:
+    """A hook config (policies, this host's snapshot, cache, audit file) under tmp_path."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    shutil.copy(REPO / "examples" / "policies" / "fleet-2026.yaml", policies)
+    for name, spec in {
+        "open": {"unknown": "allow"},
+        "noptp": {"features": {"ptp": "deny"}, "unknown": "allow"},
+        "future": {"features": {"0x6030000000160004:0": "require"}},
+    }.items():
+        doc = {"apiVersion": "hvcpolicy/v1", "kind": "FirmwarePolicy"}
+        doc |= {"metadata": {"name": name}, "spec": spec}  # type: ignore[dict-item]
+        (policies / f"{name}.json").write_text(json.dumps(doc))
+    shutil.copy(REPO / "examples" / "hosts" / "neoverse-n1_linux-6.18.json", tmp_path / "host.json")
+    (tmp_path / "hook.conf").write_text(
+        f"policy_dir = {policies}\nhost_snapshot = {tmp_path / 'host.json'}\n"
+        f"cache_dir = {tmp_path / 'cache'}\naudit_file = {tmp_path / 'audit.log'}\n"
+        "qmp_timeout = 2\n"
+    )
+    (tmp_path / "hook.conf").chmod(0o644)
+    # what libvirt would exec, with the config path pointed here
+    (tmp_path / "run.py").write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import hvcpolicy.hook as h\n"
+        f"h.SYSTEM_CONF = {str(tmp_path / 'hook.conf')!r}\n"
+        "sys.exit(h.main(sys.argv[1:], sys.stdin.buffer))\n"
+    )
+    return tmp_path
+
+
+def run_hook(env: Path, stage: str, xml: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-I", "-S", str(env / "run.py"), "g1", stage, "begin", "-"],
+        input=xml,
+        env=LIBVIRT_ENV,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def audit(env: Path) -> list[str]:
+    path = env / "audit.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+# --- hooks/qemu ---------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def sh_hook(tmp_path: Path) -> Path:
+    """hooks/qemu with HVC_PYTHON replaced by a recorder of what it was given."""
+    rec = tmp_path / "record.py"
+    rec.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$*" > {tmp_path}/argv\n'
+        f'printf "%s" "$HVC_XML_HEAD" > {tmp_path}/head\n'
+        f"cat > {tmp_path}/rest\n"
+    )
+    rec.chmod(0o755)
+    text = (REPO / "hooks" / "qemu").read_text()
+    text = text.replace("HVC_PYTHON=/usr/bin/python3", f"HVC_PYTHON={rec}")
+    text = text.replace("HVC_POLICY_DIR=/etc/hvcpolicy/policies", f"HVC_POLICY_DIR={tmp_path}")
+    script = tmp_path / "qemu"
+    script.write_text(text)
+    script.chmod(0o755)
+    return script
+
+
+def run_sh(script: Path, stage: str, xml: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(script), "g1", stage, "begin", "-"],
+        input=xml,
+        env=LIBVIRT_ENV,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize("stage", ["start", "stopped", "release", "attach", "bogus"])
+def test_sh_ignores_stages_without_python(sh_hook: Path, stage: str) -> None:
+    done = run_sh(sh_hook, stage, domain("fleet-2026"))
+    assert done.returncode == 0
+    assert not (sh_hook.parent / "argv").exists()
+
+
+def test_sh_leaves_domains_without_metadata_alone(sh_hook: Path) -> None:
+    done = run_sh(sh_hook, "prepare", domain(None))
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == ""
+    assert not (sh_hook.parent / "argv").exists()
+
+
+@pytest.mark.parametrize("stage", ["prepare", "started", "migrate", "restore", "reconnect"])
+def test_sh_hands_python_the_whole_xml(sh_hook: Path, stage: str) -> None:
+    xml = domain("fleet-2026")
+    assert run_sh(sh_hook, stage, xml).returncode == 0
+    d = sh_hook.parent
+    argv = (d / "argv").read_text().split()
+    assert argv[:3] == ["-I", "-S", "/usr/lib/python3/dist-packages/hvcpolicy/hook.py"]
+    assert argv[3:] == ["g1", stage, "begin", "-"]
+    head, rest = (d / "head").read_text(), (d / "rest").read_text()
+    assert head and head + rest == xml  # the shell read only what it needed, byte-exact
+
+
+def test_sh_with_a_default_policy_runs_python_for_every_domain(sh_hook: Path) -> None:
+    (sh_hook.parent / "default.yaml").write_text("x")
+    xml = domain(None)
+    assert run_sh(sh_hook, "prepare", xml).returncode == 0
+    assert (sh_hook.parent / "rest").read_text() == xml
+
+
+# --- hook.py ------------------------------------------------------------------------------------
+
+
+def test_prepare_allows_and_refuses_with_the_reason(env: Path) -> None:
+    ok = run_hook(env, "prepare", domain("fleet-2026"))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == "" and ok.stderr == ""
+    refused = run_hook(env, "prepare", domain("future"))
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("hvcpolicy: domain 'g1' cannot start on this host")
+    assert "requires 0x6030000000160004:0" in refused.stderr
+    lines = audit(env)
+    assert "stage=prepare policy=fleet-2026 outcome=allowed" in lines[0]
+    assert "stage=prepare policy=future outcome=refused" in lines[1]
+    assert "uuid=6a1f2c3d-0000-4000-8000-000000000002" in lines[1]
+
+
+def test_domain_narrowing_that_widens_is_refused(env: Path) -> None:
+    xml = domain("fleet-2026", extra='      <hvc:feature name="pv-time" mode="allow"/>\n')
+    done = run_hook(env, "prepare", xml)
+    assert done.returncode == 1 and "widens policy 'fleet-2026'" in done.stderr
+
+
+def test_migrate_and_restore_print_nothing_and_judge_applied_values(env: Path) -> None:
+    applied = (
+        '      <hvc:applied host="src" kernel="6.18" at="2026-11-25T00:00:00Z">\n'
+        '        <hvc:register id="0x6030000000160003" value="0x0"/>\n'
+        "      </hvc:applied>\n"
+    )
+    for stage in ("migrate", "restore"):
+        ok = run_hook(env, stage, domain("open", extra=applied))
+        assert ok.returncode == 0 and ok.stdout == "", ok.stderr
+    shutil.copy(REPO / "examples" / "hosts" / "neoverse-n1_linux-6.1.json", env / "host.json")
+    refused = run_hook(env, "migrate", domain("open", extra=applied))
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "refuses an incoming migration" in refused.stderr
+    assert "VENDOR_HYP_BMAP_2" in refused.stderr
+
+
+def test_fast_stages_import_no_heavy_modules(env: Path) -> None:
+    """prepare/migrate/restore: no argparse, yaml, jsonschema, asyncio or libvirt (the policy
+    comes from the validated cache once it is warm)."""
+    probe = env / "probe.py"
+    probe.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import hvcpolicy.hook as h\n"
+        f"h.SYSTEM_CONF = {str(env / 'hook.conf')!r}\n"
+        "rc = h.main(sys.argv[1:], sys.stdin.buffer)\n"
+        "heavy = {'argparse', 'yaml', 'jsonschema', 'asyncio', 'libvirt', 'qemu', 'typing',\n"
+        "         'dataclasses', 'site'}\n"
+        "print(rc, sorted(heavy & set(sys.modules)))\n"
+    )
+    xml = domain("fleet-2026")
+    assert run_hook(env, "prepare", xml).returncode == 0  # warms the cache
+    for stage in ("prepare", "migrate", "restore"):
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", str(probe), "g1", stage, "begin", "-"],
+            input=xml,
+            env=LIBVIRT_ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.stdout.strip() == "0 []", (stage, done.stdout, done.stderr)
+
+
+def test_started_prelaunch_applies_and_verifies(env: Path) -> None:
+    sock = str(env / "qmp.sock")
+    with simulator_process(sock, "6.18", "--vcpus", "4"):
+        done = run_hook(env, "started", domain("noptp", sock))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == ""
+    line = next(x for x in audit(env) if "stage=started/prelaunch" in x)
+    assert "outcome=applied" in line
+    assert "0x6030000000160002=0x3" in line.split(" after=")[0]  # before: ptp offered
+    assert "0x6030000000160002=0x1" in line.split(" after=")[1]  # after: ptp denied
+
+
+def test_started_running_refuses_with_the_fix_or_verifies(env: Path) -> None:
+    sock = str(env / "qmp.sock")
+    with simulator_process(sock, "6.18", "--runstate", "running"):
+        refused = run_hook(env, "started", domain("noptp", sock))
+        ok = run_hook(env, "started", domain("open", sock))
+    assert refused.returncode == 1
+    assert "already running" in refused.stderr
+    assert "hvcpolicy start g1" in refused.stderr and "virsh start --paused g1" in refused.stderr
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_started_without_the_interface_refuses_or_warns(env: Path) -> None:
+    sock = str(env / "qmp.sock")
+    with simulator_process(sock, "6.18", "--fault", "no-interface"):
+        refused = run_hook(env, "started", domain("open", sock))
+    assert refused.returncode == 1 and "no kvm-firmware-registers property" in refused.stderr
+
+
+def test_started_qmp_wait_is_bounded(env: Path) -> None:
+    import time
+
+    t0 = time.monotonic()
+    done = run_hook(env, "started", domain("open", str(env / "nobody-listens.sock")))
+    assert time.monotonic() - t0 < 10  # qmp_timeout = 2 in the config
+    assert done.returncode == 1
+    assert "cannot connect" in done.stderr or "no answer within" in done.stderr
+
+
+def test_reconnect_never_fails(env: Path) -> None:
+    done = run_hook(env, "reconnect", domain("open", str(env / "nobody-listens.sock")))
+    assert done.returncode == 0 and done.stderr == ""
+    assert "stage=reconnect" in audit(env)[-1] and "outcome=error" in audit(env)[-1]
+
+
+def test_config_others_can_write_is_not_trusted(env: Path) -> None:
+    conf = env / "hook.conf"
+    conf.chmod(0o666)
+    with pytest.raises(InvalidInput, match="not trusted"):
+        hookmod.load_config(str(conf))
+    conf.chmod(0o644)
+    assert hookmod.load_config(str(conf)).qmp_timeout == 2
+    conf.write_text("bogus = 1\n")
+    with pytest.raises(InvalidInput, match="line 1"):
+        hookmod.load_config(str(conf))
+
+
+def test_unmanaged_domain_is_left_alone_even_by_python(env: Path) -> None:
+    for stage in ("prepare", "started", "migrate"):
+        done = run_hook(env, stage, domain(None))
+        assert done.returncode == 0 and done.stderr == ""
+    assert not os.path.exists(env / "audit.log")
