@@ -51,6 +51,13 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         "has not run; inmigrate: has not run, cont completes the migration",
     )
     p.add_argument(
+        "--has-run",
+        choices=("yes", "no"),
+        default=None,
+        help="whether the VM starts out as having run (default: from the runstate; with "
+        "--upstream, yes unless QEMU is in prelaunch or inmigrate)",
+    )
+    p.add_argument(
         "--fault", action="append", default=[], metavar="F", help="inject a fault (repeatable)"
     )
     p.add_argument("--upstream", metavar="SOCK", help="layer over this real QEMU's QMP socket")
@@ -93,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     faults = Faults.parse(args.fault)
     psci_0_2 = not args.no_psci_0_2
     protected = bool(args.protected)
+    has_run = None if args.has_run is None else args.has_run == "yes"
     if args.vcpus is not None and not 1 <= args.vcpus <= MAX_VCPUS:
         raise UsageError(f"--vcpus {args.vcpus}: expected 1..{MAX_VCPUS}")
     if args.upstream and (args.vcpus is not None or args.runstate is not None):
@@ -105,10 +113,10 @@ def run(args: argparse.Namespace) -> int:
             def make_vm(vcpus: int) -> SimVM:
                 return SimVM(profile, vcpus, psci_0_2=psci_0_2, protected=protected)
 
-            backend = UpstreamBackend(args.upstream, make_vm, faults)
+            backend = UpstreamBackend(args.upstream, make_vm, faults, has_run)
         else:
             vm = SimVM(profile, args.vcpus or 1, psci_0_2=psci_0_2, protected=protected)
-            backend = SimBackend(vm, args.runstate or "prelaunch", faults)
+            backend = SimBackend(vm, args.runstate or "prelaunch", faults, has_run)
         server = QMPServer(backend, faults)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -29,11 +29,12 @@ async def simulator(
     faults: Sequence[str] = (),
     psci_0_2: bool = True,
     protected: bool = False,
+    has_run: bool | None = None,
 ) -> AsyncIterator[QMPServer]:
     """A simulator serving ``socket_path`` in this event loop; ``.vm`` is its SimVM."""
     parsed = Faults.parse(list(faults))
     vm = SimVM(profile_for(kernel), vcpus, psci_0_2=psci_0_2, protected=protected)
-    server = QMPServer(SimBackend(vm, runstate, parsed), parsed)
+    server = QMPServer(SimBackend(vm, runstate, parsed, has_run), parsed)
     await server.start(socket_path)
     try:
         yield server

@@ -119,10 +119,15 @@ class SimBackend(Backend):
     ``runstate``: prelaunch (default; never ran), running and paused (the VM has run),
     restored (reports ``paused`` like a restored or freshly migrated-in QEMU, and has not run),
     inmigrate (never ran; ``cont`` completes the incoming migration: RESUME, running, has run).
+    ``has_run`` overrides whether the VM starts out as having run.
     """
 
     def __init__(
-        self, vm: SimVM, runstate: str = "prelaunch", faults: Faults | None = None
+        self,
+        vm: SimVM,
+        runstate: str = "prelaunch",
+        faults: Faults | None = None,
+        has_run: bool | None = None,
     ) -> None:
         if runstate not in RUNSTATES:
             raise InvalidInput(f"--runstate {runstate!r}: expected one of {', '.join(RUNSTATES)}")
@@ -131,7 +136,7 @@ class SimBackend(Backend):
         self.firmware = FirmwareRegisters(vm, self.faults)
         self.interface = not self.faults.has("no-interface")
         self.status = "paused" if runstate == "restored" else runstate
-        if runstate in ("running", "paused"):
+        if has_run if has_run is not None else runstate in ("running", "paused"):
             vm.run()
         self.cpus = [_cpu_entry(i) for i in range(vm.vcpus)]
         self.paths = {c["qom-path"]: c["cpu-index"] for c in self.cpus}
@@ -279,8 +284,15 @@ class UpstreamBackend(Backend):
     simulator attached; prelaunch and inmigrate count as not run).
     """
 
-    def __init__(self, path: str, vm_factory: Callable[[int], SimVM], faults: Faults) -> None:
+    def __init__(
+        self,
+        path: str,
+        vm_factory: Callable[[int], SimVM],
+        faults: Faults,
+        has_run: bool | None = None,
+    ) -> None:
         self.path = path
+        self.has_run = has_run
         self.vm_factory = vm_factory
         self.faults = faults
         self.interface = not faults.has("no-interface")
@@ -329,7 +341,10 @@ class UpstreamBackend(Backend):
         self.paths = {c["qom-path"]: c["cpu-index"] for c in cpus}
         self.vm = self.vm_factory(max(1, len(cpus)))
         self.firmware = FirmwareRegisters(self.vm, self.faults)
-        if status.get("status") not in ("prelaunch", "inmigrate", "restore-vm"):
+        ran = self.has_run
+        if ran is None:
+            ran = status.get("status") not in ("prelaunch", "inmigrate", "restore-vm")
+        if ran:
             self.vm.run()
 
     def _send(self, msg: dict[str, JSON]) -> None:

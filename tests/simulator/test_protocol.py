@@ -342,3 +342,20 @@ def test_garbage_never_kills_the_connection(garbage: bytes, sock: str) -> None:
             await c.close()
 
     arun(body())
+
+
+@pytest.mark.parametrize(
+    ("runstate", "has_run"), [("paused", False), ("prelaunch", True), ("running", False)]
+)
+def test_has_run_override(runstate: str, has_run: bool, sock: str) -> None:
+    async def body() -> None:
+        async with simulator(sock, "6.18", runstate=runstate, has_run=has_run) as server:
+            assert server.vm.has_run is has_run
+            c = await RawQMP.open(sock)
+            assert (await c.ok("query-status"))["status"] == runstate
+            value = {"0x6030000000160002": 0}
+            reply = await c.cmd("qom-set", {"path": CPU0, "property": PROP, "value": value})
+            assert ("error" in reply) is has_run
+            await c.close()
+
+    arun(body())

@@ -175,6 +175,21 @@ def test_qemu_going_away_ends_the_simulator(sock: str) -> None:
         assert err.count("\n") == 1 and "upstream QEMU closed" in err
 
 
+def test_has_run_override_with_upstream(sock: str) -> None:
+    qsock = sock + ".qemu"
+    with real_qemu(qsock), simulator_process(sock, "6.1", "--upstream", qsock, "--has-run", "yes"):
+
+        async def body() -> None:
+            c = await RawQMP.open(sock)
+            assert (await c.ok("query-status"))["status"] == "prelaunch"
+            path = (await c.ok("query-cpus-fast"))[0]["qom-path"]
+            reply = await c.cmd("qom-set", {"path": path, "property": PROP, "value": {VHYP: 1}})
+            assert reply["error"]["desc"].endswith("failed: EBUSY")
+            await c.close()
+
+        arun(body())
+
+
 def test_resume_fault_resumes_the_real_qemu(sock: str) -> None:
     qsock = sock + ".qemu"
     with (
