@@ -170,8 +170,8 @@ async def enforce_async(
 
     ``applied``: the domain's ``<hvc:applied>`` registers (inmigrate clears what it lacks;
     paused/running verify against it). ``host``: this host's fresh registers, when known (the
-    kernel's PSCI limit); else the guest's own. ``resume``: ``cont`` once the guest is known to
-    comply (never when running already, never after a failure, never on a dry run).
+    kernel's PSCI limit); else the guest's own. ``resume``: ``cont`` once the guest complies, or
+    the policy says warn (never when running already, never after a failure, never dry).
     """
     result = ApplyResult(qmp.address, policy.name)
     result.runstate, result.vcpus = await _start(qmp)
@@ -187,13 +187,12 @@ async def enforce_async(
             raise InterfaceMissing(f"{message} (enforcement.unsupported-qemu: refuse)")
         result.outcome = UNSUPPORTED_WARNED
         result.warnings.append(f"{message} (enforcement.unsupported-qemu: warn)")
-        return result
-    result.before = before
-
-    if result.writable:
-        await _write_path(qmp, policy, result, applied, host, dry_run)
     else:
-        await _verify_path(qmp, policy, result, applied, host)  # writes nothing: dry or not
+        result.before = before
+        if result.writable:
+            await _write_path(qmp, policy, result, applied, host, dry_run)
+        else:
+            await _verify_path(qmp, policy, result, applied, host)  # writes nothing: dry or not
     if resume and not dry_run and result.runstate != "running":
         await qmp.resume()
         result.resumed = True
