@@ -52,6 +52,12 @@ KINDS: dict[str, FaultKind] = {
     for k in (
         # issue 3
         FaultKind("no-greeting", "accept connections but never send the QMP greeting", False),
+        FaultKind(
+            "one-client",
+            "like a real QEMU monitor, serve one connection at a time: a later client gets "
+            "its greeting only once the earlier one has gone",
+            False,
+        ),
         FaultKind("bad-greeting", "greet with a JSON object that is not a QMP greeting", False),
         FaultKind("hang", "never answer the command (nor anything after it)", True),
         FaultKind("drop", "write half the reply, then close the connection", True),

@@ -482,6 +482,13 @@ class Session:
 
     async def run(self) -> None:
         faults = self.server.faults
+        if faults.has("one-client"):
+            async with self.server.monitor_lock:
+                await self._run(faults)
+        else:
+            await self._run(faults)
+
+    async def _run(self, faults: Faults) -> None:
         try:
             if not faults.has("no-greeting"):
                 delay = faults.global_slow()
@@ -702,6 +709,7 @@ class QMPServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._closed = False
+        self.monitor_lock = asyncio.Lock()  # the one-client fault
 
     @property
     def vm(self) -> SimVM:

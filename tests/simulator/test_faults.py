@@ -404,3 +404,19 @@ def test_resume_races_the_write(sock: str) -> None:
             await c.close()
 
     arun(body())
+
+
+def test_one_client_at_a_time(sock: str) -> None:
+    async def body() -> None:
+        async with simulator(sock, "6.18", faults=["one-client"]):
+            first = await RawQMP.open(sock)
+            second = await RawQMP.open(sock, negotiate=False)  # the kernel accepts it ...
+            assert await silent(second)  # ... but no greeting while the first is there
+            await first.ok("query-status")
+            await first.close()
+            assert "QMP" in await second.recv()
+            await second.send({"execute": "qmp_capabilities"})
+            assert await second.reply() == {"return": {}}
+            await second.close()
+
+    arun(body())
