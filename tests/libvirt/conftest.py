@@ -110,6 +110,7 @@ class Lab:
     system: Path  # the system daemon's hook files: host.json, cache/, audit.log, hook.conf
     session: Path  # the session daemon's
     sims: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    install_args: list[str] = field(default_factory=list)  # how the system hook was installed
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -213,14 +214,15 @@ def lab() -> Iterator[Lab]:
     saved_conf = _save("/etc/hvcpolicy/hook.conf")
     hook_path = Path(HOOKS_DIR) / "qemu.d" / "hvcpolicy"
     saved_hook = _save(str(hook_path))
-    common = ["--python", HOOK_PYTHON, "--policy-dir", str(lab.policies), "--no-reload"]
-    lab.hvcpolicy(
+    common = ["--python", HOOK_PYTHON, "--policy-dir", str(lab.policies)]
+    lab.install_args = [
         "install-hook", *common,
         "--hooks-dir", HOOKS_DIR,
         "--host-snapshot", str(lab.system / "host.json"),
         "--cache-dir", str(lab.system / "cache"),
         "--audit-file", str(lab.system / "audit.log"),
-    )  # fmt: skip
+    ]  # fmt: skip
+    lab.hvcpolicy(*lab.install_args, "--no-reload")
     user_conf = SESSION_HOME / ".config/hvcpolicy/hook.conf"
     lab.hvcpolicy(
         "install-hook", *common,
@@ -229,6 +231,7 @@ def lab() -> Iterator[Lab]:
         "--host-snapshot", str(lab.session / "host.json"),
         "--cache-dir", str(lab.session / "cache"),
         "--audit-file", str(lab.session / "audit.log"),
+        "--no-reload",
     )  # fmt: skip
     (lab.session / "cache").mkdir(exist_ok=True)
     for path in (lab.session / "cache", *(lab.session / "cache").iterdir()):
@@ -410,6 +413,7 @@ def domain_xml(
     sim_socket: str,
     resume: bool = False,
     extra: str = "",
+    bare: bool = False,
 ) -> str:
     meta = ""
     if policy is not None:
@@ -420,6 +424,12 @@ def domain_xml(
             + extra
             + "</hvc:policy></metadata>"
         )
+    cmdline = (
+        ""
+        if bare
+        else "<qemu:commandline><qemu:arg value='-qmp'/>"
+        f"<qemu:arg value='unix:{qemu_socket},server=on,wait=off'/></qemu:commandline>"
+    )
     return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
   {meta}
@@ -428,10 +438,7 @@ def domain_xml(
   <os><type arch='aarch64' machine='virt'>hvm</type></os>
   <cpu mode='custom' match='exact'><model fallback='forbid'>cortex-a57</model></cpu>
   <devices><console type='pty'/></devices>
-  <qemu:commandline>
-    <qemu:arg value='-qmp'/>
-    <qemu:arg value='unix:{qemu_socket},server=on,wait=off'/>
-  </qemu:commandline>
+  {cmdline}
 </domain>
 """
 
@@ -497,6 +504,7 @@ def guest_factory(lab: Lab, system_libvirtd: Daemon) -> Iterator[Callable[..., G
         extra: str = "",
         kernel: str = SIM_KERNEL,
         define: bool = True,
+        bare: bool = False,
     ) -> Guest:
         name = f"hvct-{uuid.uuid4().hex[:8]}"
         g = Guest(
@@ -506,7 +514,9 @@ def guest_factory(lab: Lab, system_libvirtd: Daemon) -> Iterator[Callable[..., G
             str(lab.root / "sim" / f"{name}.sock"),
         )
         xml = lab.root / f"{name}.xml"
-        xml.write_text(domain_xml(name, policy, g.qemu_socket, g.sim_socket, resume, extra))
+        xml.write_text(
+            domain_xml(name, policy, g.qemu_socket, g.sim_socket, resume, extra, bare=bare)
+        )
         if define:
             virsh(SYSTEM_URI, "define", str(xml))
         sims.watch(g.qemu_socket, g.sim_socket, kernel)

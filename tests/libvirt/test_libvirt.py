@@ -210,3 +210,42 @@ def test_migration_to_a_compatible_destination(lab: Lab, guest_factory, session_
         assert VENDOR_HYP_BMAP in applied_registers(virsh(SESSION_URI, "dumpxml", g.name).stdout)
     finally:
         virsh(SESSION_URI, "destroy", g.name, check=False)
+
+
+def test_attach_then_virsh_start_paused(lab: Lab, guest_factory) -> None:
+    g = guest_factory(None, bare=True)  # a domain hvcpolicy has never seen
+    done = lab.hvcpolicy(
+        "attach", g.name, "--policy", "web", "--connect", SYSTEM_URI,
+        "--qmp-socket", g.sim_socket, "--resume-after-apply",
+    )  # fmt: skip
+    assert g.qemu_socket in done.stdout
+    xml = virsh(SYSTEM_URI, "dumpxml", "--inactive", g.name).stdout
+    assert 'ref="web"' in xml and '<hvc:resume after="apply"/>' in xml
+    assert f"unix:{g.qemu_socket},server=on,wait=off" in xml
+    virsh(SYSTEM_URI, "start", "--paused", g.name)
+    wait_for(lambda: g.state() == "running", 20, f"{g.name} resumed after apply")
+    wait_for(lambda: "<hvc:applied" in g.live_xml(), 20, "<hvc:applied>")
+    assert applied_registers(g.live_xml())[VENDOR_HYP_BMAP] == "0x1"
+    # attach again is idempotent: one socket, one policy element
+    lab.hvcpolicy("attach", g.name, "--policy", "open", "--connect", SYSTEM_URI)
+    xml = virsh(SYSTEM_URI, "dumpxml", "--inactive", g.name).stdout
+    assert xml.count("-qmp") == 1 and xml.count("<hvc:policy") == 1 and 'ref="open"' in xml
+
+
+def test_attach_refuses_a_narrowing_that_would_widen(lab: Lab, guest_factory) -> None:
+    # the domain allows ptp; policy web denies it: the domain would widen web
+    g = guest_factory("open", extra='<hvc:feature name="ptp" mode="allow"/>')
+    refused = lab.hvcpolicy(
+        "attach", g.name, "--policy", "web", "--connect", SYSTEM_URI, check=False
+    )  # fmt: skip
+    assert refused.returncode == 4 and "widens policy 'web'" in refused.stderr
+    assert 'ref="open"' in virsh(SYSTEM_URI, "dumpxml", "--inactive", g.name).stdout
+
+
+def test_install_hook_reloads_the_running_libvirtd(lab: Lab, system_libvirtd) -> None:
+    pid = system_libvirtd.pid()
+    done = lab.hvcpolicy(*lab.install_args, "--pid-file", str(system_libvirtd.pidfile))
+    assert f"libvirtd (pid {pid}) reloaded" in done.stdout
+    assert "fleet-2026" not in done.stdout and "web" in done.stdout  # the cache was refreshed
+    wait_for(lambda: virsh(SYSTEM_URI, "list", check=False).returncode == 0, 30, "libvirtd")
+    assert system_libvirtd.pid() == pid
