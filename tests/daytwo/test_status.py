@@ -1,0 +1,88 @@
+"""``hvcpolicy status`` without a daemon: what counts as drift, the table, and exit 5."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from hvcpolicy import catalogue as cat
+from hvcpolicy.cli.daytwo import status_lines
+from hvcpolicy.domainxml import Applied
+from hvcpolicy.libvirt_status import DRIFT, MATCH, Row, differences
+from hvcpolicy.policy import load_policy_file
+from hvcpolicy.snapshot import load_snapshot
+from tests.conftest import EXAMPLES, REPO
+
+HOST_6_18 = load_snapshot(str(EXAMPLES / "hosts" / "neoverse-n1_linux-6.18.json")).registers
+FLEET = load_policy_file(str(EXAMPLES / "policies" / "fleet-2026.yaml"))
+
+
+def test_a_guest_reading_its_record_matches() -> None:
+    record = dict(HOST_6_18)
+    assert differences(HOST_6_18, record, FLEET) == []
+
+
+def test_a_bit_the_record_lacks_is_drift() -> None:
+    record = {**HOST_6_18, cat.VENDOR_HYP_BMAP: 0x1}
+    assert differences(HOST_6_18, record, FLEET) == [
+        "VENDOR_HYP_BMAP (0x6030000000160002): expected 0x1, reads 0x3"
+    ]
+
+
+def test_a_register_the_guest_never_carried_drifts_only_when_it_offers_something() -> None:
+    record = {r: v for r, v in HOST_6_18.items() if r != cat.VENDOR_HYP_BMAP_2}
+    assert differences(HOST_6_18, record, None) == []  # cleared to 0 on arrival: nothing new
+    live = {**HOST_6_18, cat.VENDOR_HYP_BMAP_2: 0x1}
+    assert differences(live, record, None) == [
+        "VENDOR_HYP_BMAP_2 (0x6030000000160003): reads 0x1, not in <hvc:applied> "
+        "(services the guest was never given)"
+    ]
+
+
+def test_mitigation_levels_are_not_compared() -> None:
+    # the kernel reads the host's level whatever was written: not drift
+    record = {**HOST_6_18, cat.SMCCC_ARCH_WORKAROUND_1: 1}
+    assert differences(HOST_6_18, record, None) == []
+
+
+def test_without_a_record_the_policy_plan_is_the_reference() -> None:
+    # fleet-2026 denies pv-time and pins PSCI 1.1: the host's fresh values do not conform
+    diffs = differences(HOST_6_18, None, FLEET)
+    assert "STD_HYP_BMAP (0x6030000000160001): reads 0x1, policy 'fleet-2026' wants 0x0" in diffs
+    assert (
+        "PSCI_VERSION (0x6030000000140000): reads 0x10003, policy 'fleet-2026' wants 0x10001"
+        in diffs
+    )
+    conforming = {**HOST_6_18, cat.STD_HYP_BMAP: 0, cat.PSCI_VERSION: cat.PSCI_1_1}
+    assert differences(conforming, None, FLEET) == []
+
+
+def test_the_table_has_one_line_per_domain() -> None:
+    rows = [
+        Row("web1", "u1", 3, "running", "fleet-2026", "domain",
+            Applied("node-17", "6.1.0-18-arm64", "2026-11-24T23:00:00Z", {}), MATCH,
+            "libvirt", "as recorded"),
+        Row("batch7", "u2", None, "shut off", "default", "default"),
+        Row("web2", "u3", 4, "running", "fleet-2026", "domain", None, DRIFT, "libvirt",
+            "STD_HYP_BMAP (0x6030000000160001): expected 0x0, reads 0x1"),
+    ]  # fmt: skip
+    lines = status_lines(rows)
+    assert len(lines) == 5
+    assert lines[2].split()[:5] == ["3", "web1", "running", "fleet-2026", "node-17"]
+    assert lines[2].endswith("match: as recorded")
+    assert lines[3].split()[:4] == ["-", "batch7", "shut", "off"]
+    assert " default* " in lines[3]  # the implicit default policy is starred
+    assert lines[4].endswith("DRIFT: STD_HYP_BMAP (0x6030000000160001): expected 0x0, reads 0x1")
+
+
+def test_status_of_an_unreachable_libvirt_exits_5_with_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "hvcpolicy", "status", "--connect",
+         "qemu+unix:///system?socket=/nonexistent/libvirt-sock"],
+        capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 5, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hvcpolicy: libvirt qemu+unix:///system")
+    assert "Traceback" not in done.stderr
