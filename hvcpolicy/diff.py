@@ -223,8 +223,10 @@ class PolicyImpact:
         out = []
         if self.now_refused:
             out.append("refused")
-        if self.sees or self.loses:
-            out.append("sees-change")
+        if self.sees:
+            out.append("sees-new")
+        if self.loses:
+            out.append("loses")
         out.extend(f"migration-{m.direction}-refused" for m in self.migration_refused)
         return out
 

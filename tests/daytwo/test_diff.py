@@ -153,6 +153,7 @@ def test_a_withdrawn_required_bit_refuses_and_a_lower_mitigation_refuses() -> No
     default = next(p for p in result.policies if p.policy == "default")
     assert not default.now_refused
     assert any(s.startswith("trng") for s in default.loses)
+    assert "loses" in default.outcomes and "sees-new" not in default.outcomes
 
 
 def test_a_new_unknown_bit_is_seen_under_allow_and_refused_under_refuse() -> None:
@@ -188,7 +189,7 @@ def test_the_json_form_carries_everything_the_text_says() -> None:
     assert doc["changed"] is True
     assert {r["name"] for r in doc["registers"]} == {"PSCI_VERSION", "VENDOR_HYP_BMAP_2"}
     default = next(p for p in doc["policies"] if p["policy"] == "default")
-    assert default["outcomes"] == ["sees-change", "migration-new-to-old-refused"]
+    assert default["outcomes"] == ["sees-new", "migration-new-to-old-refused"]
     assert doc["affected"] == ["default", "fleet-2026", "legacy-4-14", "strict-review"]
 
 
