@@ -159,6 +159,12 @@ def test_migration_refused_by_a_destination_lacking_a_carried_register(
     g = guest_factory("web")
     lab.hvcpolicy("start", g.name, "--connect", SYSTEM_URI)
     assert "0x6030000000160003" in applied_registers(g.live_xml())  # VENDOR_HYP_BMAP_2
+    # asked ahead, through libvirt (the live XML and its record), the answer is the same
+    ask = lab.hvcpolicy(
+        "check-migration", "--domain", g.name, "--connect", SYSTEM_URI,
+        "--to", str(HOSTS / "neoverse-n1_linux-6.1.json"), check=False,
+    )  # fmt: skip
+    assert ask.returncode == 3 and "VENDOR_HYP_BMAP_2" in ask.stdout + ask.stderr
     lab.set_host("session", "neoverse-n1_linux-6.1.json", "lab-destination-6-1")
     try:
         done = _migrate(lab, g, guest_factory)
