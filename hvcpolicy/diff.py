@@ -315,7 +315,11 @@ def _compare_views(impact: PolicyImpact) -> None:
         elif before_v is None:
             impact.sees.append(f"{_value_text(rid, after_v)} (the old kernel lacks the register)")
         else:
-            impact.sees.append(f"{_value_text(rid, after_v)} (was {_value_text(rid, before_v)})")
+            text = f"{_value_text(rid, after_v)} (was {_value_text(rid, before_v)})"
+            change = _describe(rid, before_v, after_v)
+            # a lower PSCI version or mitigation level is something lost, not something new
+            down = change is not None and change.direction == "down"
+            (impact.loses if down else impact.sees).append(text)
 
 
 def assess(policy: Policy, old: Snapshot, new: Snapshot) -> PolicyImpact:

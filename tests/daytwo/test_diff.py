@@ -153,6 +153,10 @@ def test_a_withdrawn_required_bit_refuses_and_a_lower_mitigation_refuses() -> No
     default = next(p for p in result.policies if p.policy == "default")
     assert not default.now_refused
     assert any(s.startswith("trng") for s in default.loses)
+    assert (
+        "smccc-arch-workaround-3 level 0 (any) (was smccc-arch-workaround-3 level 1 (available))"
+        in default.loses
+    )
     assert "loses" in default.outcomes and "sees-new" not in default.outcomes
 
 
