@@ -125,7 +125,7 @@ class QMP:
             ) from None
         except LibError as err:
             await self._abandon(client)
-            raise QMPError(f"{where}: cannot connect: {_describe(_root(err))}") from err
+            raise QMPError(f"{where}: cannot connect: {_connect_failure(err)}") from err
         except OSError as err:
             await self._abandon(client)
             raise QMPError(f"{where}: cannot connect: {_describe(err)}") from err
@@ -330,15 +330,24 @@ def _desc(received: Any) -> str | None:
     return None
 
 
-def _root(err: BaseException) -> BaseException:
-    """The innermost cause of a qemu.qmp wrapped error (ConnectError -> GreetingError -> EOF)."""
-    seen = 0
-    while seen < 8:
-        inner = getattr(err, "exc", None) or err.__cause__
+def _connect_failure(err: BaseException) -> str:
+    """Why qemu.qmp's connect failed, in words: the OS's reason, a hang-up, or a server that
+    does not speak QMP (ConnectError wraps GreetingError/NegotiationError wraps the cause)."""
+    chain: list[BaseException] = [err]
+    while len(chain) < 8:
+        inner = getattr(chain[-1], "exc", None) or chain[-1].__cause__
         if not isinstance(inner, BaseException):
             break
-        err, seen = inner, seen + 1
-    return err
+        chain.append(inner)
+    root = chain[-1]
+    if isinstance(root, OSError | EOFError):
+        return _describe(root)
+    names = {type(e).__name__ for e in chain}
+    if "GreetingError" in names:
+        return f"not a QMP greeting ({_describe(root)})"
+    if "NegotiationError" in names:
+        return f"QMP capabilities negotiation failed ({_describe(root)})"
+    return _describe(root)
 
 
 def _describe(err: BaseException) -> str:
