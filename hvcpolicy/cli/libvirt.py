@@ -275,8 +275,9 @@ def cmd_start(args: argparse.Namespace) -> int:
                     _, after = hook.apply_prelaunch(
                         subject.policy, qmp, snap.registers if snap else None, where
                     )
-                else:  # the hook's recorder resumed it already (<hvc:resume after="apply"/>)
+                else:  # the hook applied, and its recorder resumed it already
                     after = qmp.read_every_vcpu()
+                    _verify_applied(subject.policy, after, snap.registers if snap else None, where)
             if live.meta is not None:
                 u = os.uname()
                 applied = Applied(
@@ -298,6 +299,21 @@ def cmd_start(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     return EXIT_OK
+
+
+def _verify_applied(
+    policy: Any, live: dict[int, int], host: dict[int, int] | None, where: str
+) -> None:
+    from hvcpolicy.errors import Refused
+    from hvcpolicy.planner import plan_start, verify
+
+    # what a fresh guest on this host should have been left with (the host's snapshot), else
+    # at least that nothing the policy denies is still offered
+    base = host if host is not None else live
+    target = plan_start(policy, base).target
+    diffs = verify({rid: v for rid, v in target.items() if rid in live}, live)
+    if diffs:
+        raise Refused(f"{where} ran before hvcpolicy could apply: {'; '.join(diffs)}", diffs)
 
 
 def _connect_qmp(sock: str, timeout: float) -> Any:

@@ -48,6 +48,14 @@ def test_hvcpolicy_start_applies_while_prelaunch(lab: Lab, guest_factory) -> Non
     assert applied_registers(g.live_xml())[VENDOR_HYP_BMAP] == "0x1"
 
 
+def test_hvcpolicy_start_with_resume_after_apply_in_the_domain_too(lab: Lab, guest_factory) -> None:
+    # the hook applies and its recorder may resume before `start` does: both paths agree
+    g = guest_factory("web", resume=True)
+    lab.hvcpolicy("start", g.name, "--connect", SYSTEM_URI)
+    wait_for(lambda: g.state() == "running", 20, f"{g.name} running")
+    assert applied_registers(g.live_xml())[VENDOR_HYP_BMAP] == "0x1"
+
+
 def test_virsh_start_paused_resumes_after_apply(lab: Lab, guest_factory) -> None:
     g = guest_factory("web", resume=True)
     t0 = time.monotonic()
