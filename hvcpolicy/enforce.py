@@ -28,6 +28,9 @@ from hvcpolicy.policy import Policy
 from hvcpolicy.qmp import DEFAULT_TIMEOUT, PROPERTY, QMP, VCPU, WRITABLE_RUNSTATES, Registers
 from hvcpolicy.record import Record
 
+# ``cont`` from these only (from inmigrate QEMU sets autostart: the guest runs once loaded).
+RESUMABLE_RUNSTATES = frozenset({"prelaunch", "inmigrate", "paused"})
+
 # Outcomes, as the audit log and --format json name them.
 APPLIED = "applied"  # wrote, and every vCPU reads the target
 UNCHANGED = "unchanged"  # writable runstate, nothing differed, every vCPU reads the target
@@ -193,9 +196,12 @@ async def enforce_async(
             await _write_path(qmp, policy, result, applied, host, dry_run)
         else:
             await _verify_path(qmp, policy, result, applied, host)  # writes nothing: dry or not
-    if resume and not dry_run and result.runstate != "running":
-        await qmp.resume()
-        result.resumed = True
+    if resume and not dry_run:
+        if result.runstate in RESUMABLE_RUNSTATES:
+            await qmp.resume()
+            result.resumed = True
+        elif result.runstate != "running":
+            result.notes.append(f"not resumed: QEMU's runstate is {result.runstate}")
     return result
 
 
