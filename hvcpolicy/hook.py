@@ -563,6 +563,39 @@ class HookQMP:
         except OSError as err:
             raise Unavailable(f"QMP {name}: {err.strerror or err}") from None
 
+    def pipelined(self, name: str, batch: list[dict[str, Any]]) -> list[Any]:
+        """Send every command of ``batch`` at once, then collect the replies by id: one round
+        trip plus QEMU's work, not one round trip per vCPU."""
+        import json
+
+        from hvcpolicy.errors import QMPError, QMPTimeout
+
+        msgs = [{"execute": name, "arguments": a, "id": f"hvc-{i}"} for i, a in enumerate(batch)]
+        replies: dict[str, dict[str, Any]] = {}
+        try:
+            self.sock.sendall("".join(json.dumps(m) for m in msgs).encode())
+            while len(replies) < len(msgs):
+                reply = self._message()
+                if "return" in reply or "error" in reply:
+                    replies[str(reply.get("id"))] = reply
+        except TimeoutError:
+            raise QMPTimeout(f"QMP {name}: no answer within {self.timeout:g} s") from None
+        except OSError as err:
+            raise Unavailable(f"QMP {name}: {err.strerror or err}") from None
+        out = []
+        for msg in msgs:
+            got = replies.get(str(msg["id"])) or {"error": {"desc": "no reply"}}
+            if "error" in got:
+                bad = got["error"] if isinstance(got["error"], dict) else {}
+                raise QMPError(
+                    f"QMP {name}: {bad.get('class', '?')}: {bad.get('desc', '')}",
+                    sent=msg,
+                    received=got,
+                    error_class=str(bad.get("class", "")),
+                )
+            out.append(got["return"])
+        return out
+
     def runstate(self) -> str:
         return str(self.cmd("query-status")["status"])
 
@@ -583,7 +616,9 @@ class HookQMP:
         return self._vcpus
 
     def read(self, path: str) -> dict[int, int]:
-        doc = self.cmd("qom-get", {"path": path, "property": self.PROP})
+        return self._registers(self.cmd("qom-get", {"path": path, "property": self.PROP}))
+
+    def _registers(self, doc: Any) -> dict[int, int]:
         if not isinstance(doc, dict):
             raise Unavailable(f"QMP qom-get {self.PROP}: not an object")
         try:
@@ -597,10 +632,10 @@ class HookQMP:
 
     def read_every_vcpu(self) -> dict[int, int]:
         paths = self.vcpus()
-        first = self.read(paths[0])
-        for path in paths[1:]:
-            other = self.read(path)
-            if other != first:
+        docs = self.pipelined("qom-get", [{"path": p, "property": self.PROP} for p in paths])
+        first = self._registers(docs[0])
+        for path, doc in zip(paths[1:], docs[1:], strict=True):
+            if self._registers(doc) != first:
                 raise Unavailable(f"vCPU {path} reads other firmware registers than {paths[0]}")
         return first
 
@@ -613,7 +648,7 @@ class HookQMP:
 
 
 def _spawn_recorder(hook: Hook, registers: Mapping[int, int], resume: bool) -> None:
-    """Fork a fully detached child (setsid, fds 0-2 on /dev/null, double fork) that, once
+    """Fork a fully detached child (setsid, fds 0-2 on /dev/null, nothing else open) that, once
     libvirt's start job ends, records ``<hvc:applied>`` in the live XML and, when asked, resumes.
     It may call libvirt: it is no longer inside the hook, so it simply waits for the job."""
     from hvcpolicy.domainxml import Applied, render_policy, with_applied
@@ -630,14 +665,10 @@ def _spawn_recorder(hook: Hook, registers: Mapping[int, int], resume: bool) -> N
         registers=dict(registers),
     )
     element = render_policy(with_applied(meta, applied))
-    pid = os.fork()
-    if pid:
-        os.waitpid(pid, 0)  # the first child exits at once; the grandchild is reparented
-        return
+    if os.fork():
+        return  # the hook exits right after: the child is reparented, no zombie is left
     try:
         os.setsid()
-        if os.fork():
-            os._exit(0)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
