@@ -39,6 +39,7 @@ KVM_ARM_PREFERRED_TARGET = 0x8020AEAF
 KVM_GET_REG_LIST = 0xC008AEB0
 
 KVM_ARM_VCPU_PSCI_0_2 = 2
+KVM_ARM_VCPU_PMU_V3 = 3
 KVM_EXIT_MMIO = 6
 
 # The guest run by run_once(): x1 = 0x10000000 (no memslot there); str x0, [x1]; b .
@@ -112,11 +113,13 @@ class Vcpu:
         self.initialized = False
         self.psci_0_2 = False
 
-    def init(self, psci_0_2: bool = True) -> None:
+    def init(self, psci_0_2: bool = True, features: int = 0) -> None:
+        """KVM_ARM_VCPU_INIT with the preferred target; ``features``: more bits of word 0."""
         init = _InitStruct()
         _ioctl(self.vm.fd, KVM_ARM_PREFERRED_TARGET, _addr(init), "KVM_ARM_PREFERRED_TARGET")
         for i in range(7):
             init.features[i] = 0
+        init.features[0] = features
         if psci_0_2:
             init.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2
         _ioctl(self.fd, KVM_ARM_VCPU_INIT, _addr(init), "KVM_ARM_VCPU_INIT")
@@ -170,13 +173,13 @@ class VM:
         self._mem: mmap.mmap | None = None
         self._mem_buf: ctypes.Array[ctypes.c_char] | None = None
 
-    def vcpu(self, init: bool = True, psci_0_2: bool = True) -> Vcpu:
+    def vcpu(self, init: bool = True, psci_0_2: bool = True, features: int = 0) -> Vcpu:
         index = len(self.vcpus)
         fd = _ioctl(self.fd, KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
         vcpu = Vcpu(self, fd, index)
         self.vcpus.append(vcpu)
         if init:
-            vcpu.init(psci_0_2)
+            vcpu.init(psci_0_2, features)
         return vcpu
 
     def load_guest(self) -> None:

@@ -375,6 +375,9 @@ def assemble_initrds(kernels: list[dict[str, str]]) -> None:
             for part in (rootfs, kdir / "extra.cpio"):
                 with open(part, "rb") as src:
                     shutil.copyfileobj(src, f, 1 << 20)
+                # The kernel takes a cpio that follows a compressed one only at a 4-byte
+                # boundary (zeros between archives are skipped).
+                f.write(b"\0" * (-f.tell() % 4))
         tmp.rename(out)
 
 

@@ -18,6 +18,8 @@ lab/build/jobs/ says what to run; results land in lab/build/out/<kernel release>
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
 import json
 import os
 import subprocess
@@ -36,6 +38,7 @@ JOB_HEAD = """set -u
 cd /mnt/host
 export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/mnt/host
 O=lab/build/out/$(uname -r)
+echo "lab-$(uname -r | cut -d- -f1)" >/proc/sys/kernel/hostname
 mkdir -p $O
 """
 JOBS = {
@@ -112,12 +115,57 @@ def boot(release: str, phase: str) -> float:
     return took
 
 
+# What the lab's answers depend on: when none of it changed, --if-stale reuses them.
+INPUTS = (
+    "lab/build.py",
+    "lab/run.py",
+    "lab/guest/conformance.py",
+    "lab/guest/migrate.py",
+    "hvcpolicy/kvm.py",
+    "hvcpolicy/cli/host.py",
+    "hvcpolicy/snapshot.py",
+)
+
+
+def inputs_digest() -> str:
+    h = hashlib.sha256()
+    for rel in INPUTS:
+        h.update(rel.encode() + b"\0" + (REPO / rel).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def up_to_date(digest: str) -> bool:
+    try:
+        done = json.loads((OUT / "timings.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(done.get("digest") == digest and done.get("complete"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--phase", choices=("probe", "migrate", "all"), default="all")
     ap.add_argument("--kernel", action="append", help="kernel release (default: every one)")
     ap.add_argument("--no-build", action="store_true", help="do not run lab/build.py first")
+    ap.add_argument(
+        "--if-stale",
+        action="store_true",
+        help="do nothing when a complete run of these very lab inputs already left its answers",
+    )
     args = ap.parse_args()
+    BUILD.mkdir(exist_ok=True)
+    # One lab at a time on this checkout: a second run waits (it then usually finds it done).
+    with open(BUILD / ".run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return locked(args)
+
+
+def locked(args: argparse.Namespace) -> int:
+    digest = inputs_digest()
+    if args.if_stale and up_to_date(digest):
+        print("lab-run: answers in lab/build/out are up to date with the lab's inputs")
+        return 0
+    (OUT / "timings.json").unlink(missing_ok=True)
     if not args.no_build:
         subprocess.run([sys.executable, str(LAB / "build.py")], check=True)
     releases = [k["release"] for k in kernels()]
@@ -132,7 +180,9 @@ def main() -> int:
         for release in releases:
             timings.setdefault(release, {})[phase] = round(boot(release, phase), 1)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "timings.json").write_text(json.dumps({"cpu": CPU, "boots": timings}, indent=1) + "\n")
+    complete = args.phase == "all" and not args.kernel
+    done = {"cpu": CPU, "digest": digest, "complete": complete, "boots": timings}
+    (OUT / "timings.json").write_text(json.dumps(done, indent=1) + "\n")
     return 0
 
 

@@ -151,6 +151,17 @@ def main() -> int:
             result["reg_list_count"] = len(v.reg_list())
         with dev.vm() as vm:
             fresh_no_psci = kvm.firmware_registers(vm.vcpu(psci_0_2=False))
+        # Every register a vCPU as QEMU's "-cpu host" makes it (PSCI 0.2 + PMUv3) lists: QEMU
+        # migrates all but the core and SVE ones ("cpreg list"), firmware registers among them.
+        with dev.vm() as vm:
+            try:
+                ids = vm.vcpu(features=1 << kvm.KVM_ARM_VCPU_PMU_V3).reg_list()
+                result["qemu_vcpu_features"] = "psci-0.2,pmu-v3"
+            except kvm.KVMError:
+                with dev.vm() as vm2:
+                    ids = vm2.vcpu().reg_list()
+                result["qemu_vcpu_features"] = "psci-0.2"
+            result["reg_list_qemu_vcpu"] = [cat.fmt_id(r) for r in sorted(ids)]
         if probed != fresh:
             raise SystemExit(f"kvm.probe() read {probed}, a second scratch VM {fresh}")
         result["fresh"] = {cat.fmt_id(r): h(x) for r, x in fresh.items()}

@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -151,6 +152,59 @@ def wait_migration(qmp: QMP, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
     return {"status": "timeout"}
 
 
+PSCI_VERSION = 0x6030000000140000
+VENDOR_HYP_BMAP_2 = 0x6030000000160003
+PSCI_1_1 = 0x10001
+
+
+def cpreg_arrays(data: bytes) -> tuple[int, int]:
+    """(offset of the indexes array, its length N) of the cpu's cpreg list in a migration stream.
+
+    QEMU saves it as be32 N, N be64 KVM register ids (sorted), N be64 values; the firmware
+    registers (coproc 0x14, 0x16) are the largest ids, so PSCI_VERSION is always among them.
+    """
+    at = data.find(struct.pack(">Q", PSCI_VERSION))
+    if at < 0:
+        raise ValueError("no PSCI_VERSION in the stream")
+    start = at
+    while start >= 8 and data[start - 8] == 0x60:  # ids: KVM_REG_ARM64 | size
+        start -= 8
+    n = struct.unpack_from(">i", data, start - 4)[0]
+    if not start + 8 * n > at >= start:
+        raise ValueError("cannot find the cpreg list in the stream")
+    return start, n
+
+
+def stream_firmware(data: bytes) -> dict[int, int]:
+    """The firmware registers (coproc 0x14/0x16) the stream carries, with their values."""
+    start, n = cpreg_arrays(data)
+    ids = struct.unpack_from(f">{n}Q", data, start)
+    values = struct.unpack_from(f">{n}Q", data, start + 8 * n)
+    return {i: v for i, v in zip(ids, values, strict=True) if (i >> 16) & 0xFFFF in (0x14, 0x16)}
+
+
+def patched(data: bytes, changes: dict[int, int]) -> bytes:
+    """The stream with some cpreg values changed: the guest as hvcpolicy would have left it."""
+    start, n = cpreg_arrays(data)
+    ids = struct.unpack_from(f">{n}Q", data, start)
+    out = bytearray(data)
+    for rid, value in changes.items():
+        struct.pack_into(">Q", out, start + 8 * n + 8 * ids.index(rid), value)
+    return bytes(out)
+
+
+def variants(fw: dict[int, int]) -> dict[str, dict[int, int]]:
+    """Guest states worth migrating besides the kernel's defaults (only where they differ):
+    PSCI pinned to 1.1 (a policy's psci.version), and VENDOR_HYP_BMAP_2 with both bits set."""
+    res: dict[str, dict[int, int]] = {}
+    if fw.get(PSCI_VERSION, 0) > PSCI_1_1:
+        res["psci-1.1"] = {PSCI_VERSION: PSCI_1_1}
+    if VENDOR_HYP_BMAP_2 in fw:
+        res["psci-1.1-bmap2-3"] = {PSCI_VERSION: min(fw[PSCI_VERSION], PSCI_1_1)}
+        res["psci-1.1-bmap2-3"][VENDOR_HYP_BMAP_2] = 0x3
+    return res
+
+
 def save(outdir: str) -> int:
     results = []
     for version, q in qemus().items():
@@ -175,8 +229,29 @@ def save(outdir: str) -> int:
             rec["error"] = str(e)
         rec["stderr"] = finish(proc)
         rec["seconds"] = round(time.monotonic() - t, 2)
+        rec["variant"] = "default"
         print(json.dumps(rec), flush=True)
         results.append(rec)
+        if rec["status"] != "completed":
+            continue
+        with open(state, "rb") as f:
+            data = f.read()
+        fw = stream_firmware(data)
+        rec["registers"] = {f"0x{r:016x}": f"0x{v:x}" for r, v in fw.items()}
+        for name, changes in variants(fw).items():
+            vstate = os.path.join(outdir, f"state-{version}-{name}.bin")
+            vdata = patched(data, changes)
+            with open(vstate, "wb") as f:
+                f.write(vdata)
+            vfw = stream_firmware(vdata)
+            results.append(
+                {
+                    **{k: rec[k] for k in ("qemu", "runstate", "status")},
+                    "variant": name,
+                    "state": os.path.basename(vstate),
+                    "registers": {f"0x{r:016x}": f"0x{v:x}" for r, v in vfw.items()},
+                }
+            )
     with open(os.path.join(outdir, "save.json"), "w") as f:
         json.dump({"kernel": platform.release(), "saves": results}, f, indent=1)
     return 0 if all(r["status"] == "completed" for r in results) else 1
@@ -184,13 +259,22 @@ def save(outdir: str) -> int:
 
 def load(outroot: str, outdir: str) -> int:
     results = []
+    sources = []
+    for path in sorted(glob.glob(os.path.join(outroot, "*", "save.json"))):
+        with open(path) as f:
+            for rec in json.load(f)["saves"]:
+                if rec["status"] == "completed":
+                    src = os.path.basename(os.path.dirname(path))
+                    state = os.path.join(os.path.dirname(path), rec["state"])
+                    sources.append((rec["qemu"], src, rec["variant"], state))
     for version, q in qemus().items():
-        for state in sorted(glob.glob(os.path.join(outroot, "*", f"state-{version}.bin"))):
-            source = os.path.basename(os.path.dirname(state))
+        for qemu, source, variant, state in sources:
+            if qemu != version:
+                continue
             sock = f"/tmp/dst-{version}.qmp"
             t = time.monotonic()
             proc = start(q, sock, ["-incoming", "defer"])
-            rec: dict[str, Any] = {"qemu": version, "source": source}
+            rec: dict[str, Any] = {"qemu": version, "source": source, "variant": variant}
             try:
                 qmp = QMP(sock, proc)
                 qmp.cmd("migrate-incoming", uri=f"file:{os.path.abspath(state)}")
@@ -198,7 +282,7 @@ def load(outroot: str, outdir: str) -> int:
                 rec["status"] = info.get("status")
                 rec["error"] = info.get("error-desc")
                 if rec["status"] == "completed":
-                    time.sleep(1.0)  # the registers are put after the load: let that fail, if so
+                    time.sleep(0.5)  # the registers are put after the load: let that fail, if so
                     rec["runstate"] = qmp.cmd("query-status")["status"]
                     qmp.cmd("quit")
                 qmp.close()
@@ -210,7 +294,7 @@ def load(outroot: str, outdir: str) -> int:
             rec["exit"] = proc.returncode
             rec["accepted"] = (
                 rec.get("status") == "completed"
-                and rec.get("runstate") == "paused"
+                and rec.get("runstate") in ("prelaunch", "paused")
                 and proc.returncode == 0
             )
             rec["seconds"] = round(time.monotonic() - t, 2)

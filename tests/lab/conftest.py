@@ -5,7 +5,9 @@ kernel booted under TCG twice: probe + conformance + migration sources, then mig
 destinations). It is never skipped: without root, the host tools or the Debian mirror, the
 session fixture fails and names what is missing.
 
-``HVCLAB_REUSE=1`` reuses lab/build/out from an earlier run (for working on the tests by hand).
+Runs serialize on a lock, and a complete earlier run of the very same lab inputs (lab/, kvm.py,
+the probe command: ``lab/run.py --if-stale``) is reused; a fresh checkout, as in CI, always
+builds and boots everything. ``HVCLAB_FRESH=1`` forces a new run.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from tests.lab.labdata import LAB, LABELS, OUT, REPO, LabKernel
 
 @pytest.fixture(scope="session")
 def lab() -> dict[str, LabKernel]:
-    reuse = os.environ.get("HVCLAB_REUSE") == "1" and (OUT / "timings.json").exists()
-    if not reuse:
-        proc = subprocess.run([sys.executable, str(LAB / "run.py")], cwd=REPO, check=False)
-        assert proc.returncode == 0, "the lab failed to build or boot (see its output above)"
+    cmd = [sys.executable, str(LAB / "run.py")]
+    if os.environ.get("HVCLAB_FRESH") != "1":
+        cmd.append("--if-stale")
+    proc = subprocess.run(cmd, cwd=REPO, check=False)
+    assert proc.returncode == 0, "the lab failed to build or boot (see its output above)"
+    assert (OUT / "timings.json").exists()
     kernels = json.loads((LAB / "build" / "kernels.json").read_text())
     result = {}
     for info in kernels:
