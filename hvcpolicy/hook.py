@@ -140,7 +140,7 @@ class Hook:
         self.audit: dict[str, str] = {
             "domain": argv[0],
             "uuid": "-",
-            "stage": self.stage if self.stage != "started" else "started",
+            "stage": self.stage,  # started: refined to started/RUNSTATE
             "policy": "-",
         }
         self._domain: Domain | None = None
@@ -192,24 +192,14 @@ def has_policy(directory: str, name: str) -> bool:
     )
 
 
-def _policycache() -> Any:
-    """The lead's validated policy cache, when this tree has it."""
-    import importlib
-
-    try:
-        return importlib.import_module("hvcpolicy.policycache")
-    except ImportError:
-        return None
-
-
 def load_named_policy(ref: str, conf: Config) -> Policy:
     """A policy by name, from the validated cache when it is current; else parse and validate
     (which needs the site packages: yaml, jsonschema) and refresh the cache."""
-    cache = _policycache()
-    if cache is not None:
-        cached: Policy | None = cache.load_cached(ref, conf.policy_dir, conf.cache_dir)
-        if cached is not None:
-            return cached
+    from hvcpolicy import policycache
+
+    cached = policycache.load_cached(ref, conf.policy_dir, conf.cache_dir)
+    if cached is not None:
+        return cached
     _enable_site()
     from hvcpolicy.policy import load_policy
 
@@ -220,21 +210,25 @@ def load_named_policy(ref: str, conf: Config) -> Policy:
             f"policy {ref!r}: not in the cache {conf.cache_dir} and this Python cannot validate "
             f"policies ({err}); run `hvcpolicy install-hook` to refresh the cache"
         ) from None
-    if cache is not None:
-        import contextlib
+    import contextlib
 
-        with contextlib.suppress(OSError):  # a read-only cache: validate again next time
-            cache.store(policy, conf.policy_dir, conf.cache_dir)
+    with contextlib.suppress(OSError):  # a cache we cannot write: validate again next time
+        policycache.store(policy, conf.policy_dir, conf.cache_dir)
     return policy
 
 
+_site_enabled = False
+
+
 def _enable_site() -> None:
-    """The slow path: site-packages (yaml, jsonschema) for a policy the cache does not hold."""
-    if "site" not in sys.modules or not getattr(sys.modules["site"], "_hvc_done", False):
+    """The slow path: site-packages (yaml, jsonschema) for a policy the cache does not hold.
+    ``hvcpolicy`` itself is already imported, so it stays this package."""
+    global _site_enabled
+    if not _site_enabled:
         import site
 
         site.main()
-        site._hvc_done = True  # type: ignore[attr-defined]
+        _site_enabled = True
 
 
 # --- stages -----------------------------------------------------------------------------------

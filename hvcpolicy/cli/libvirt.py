@@ -388,17 +388,16 @@ def write_config(path: str, updates: dict[str, str | None]) -> dict[str, str]:
 
 def refresh_policy_cache(policy_dir: str, cache_dir: str) -> list[str]:
     """Validate every policy in the directory into the hook's cache; -> the names cached."""
-    from hvcpolicy.hook import _policycache
+    from hvcpolicy import policycache
     from hvcpolicy.policy import EXTENSIONS, load_policy_file
 
-    cache = _policycache()
     names: list[str] = []
-    if cache is None or not os.path.isdir(policy_dir):
+    if not os.path.isdir(policy_dir):
         return names
     for entry in sorted(os.listdir(policy_dir)):
         if entry.endswith(EXTENSIONS):
             policy = load_policy_file(os.path.join(policy_dir, entry))
-            cache.store(policy, policy_dir, cache_dir)
+            policycache.store(policy, policy_dir, cache_dir)
             names.append(policy.name)
     return names
 
