@@ -224,7 +224,10 @@ def plan_start(
                 f"level {registers[rid]}"
             )
 
-    for rid in sorted(plan.target):
+    # Bitmaps first: KVM refuses a changed bitmap once a vCPU ran (EBUSY) but has no such check
+    # for PSCI_VERSION, so a write that races a resume by another monitor stops at its first
+    # register instead of changing the PSCI version of a guest that already runs.
+    for rid in sorted(plan.target, key=lambda r: (not cat.is_bitmap(r), r)):
         if plan.target[rid] != registers.get(rid):
             plan.writes[rid] = plan.target[rid]
     _check_writes(model, plan, registers)
