@@ -112,18 +112,20 @@ def _cell(text: str, width: int) -> str:
 
 
 def status_lines(rows: list[Any]) -> list[str]:
-    head = f" {'Id':<5}{'Name':<24}{'State':<11}{'Policy':<20}{'Applied':<36}Live"
-    lines = [head, "-" * (len(head) + 16)]
+    head = f" {'Id':<5}{'Name':<24}{'State':<11}{'Policy':<20}{'Applied':<24}Live"
+    lines = [head, "-" * (len(head) + 20)]
     for r in rows:
         applied = "-"
         if r.applied is not None:
-            applied = f"{r.applied.host} {r.applied.kernel}".strip() or "(recorded)"
+            # the kernel's version without the distribution's suffix: the column stays narrow
+            kernel = r.applied.kernel.split("-")[0]
+            applied = f"{r.applied.host} {kernel}".strip() or "(recorded)"
         live = r.live
         if r.detail:
             live += f": {r.detail}"
         lines.append(
             f" {r.id_text:<5}{_cell(r.name, 24):<24}{r.state:<11}{_cell(r.policy_text, 20):<20}"
-            f"{_cell(applied, 36):<36}{live}"
+            f"{_cell(applied, 24):<24}{live}"
         )
     return lines
 
