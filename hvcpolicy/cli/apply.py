@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -80,15 +81,22 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     from hvcpolicy.enforce import enforce
+    from hvcpolicy.errors import QMPError
 
-    result = enforce(
-        address,
-        subject.policy,
-        timeout=args.timeout,
-        applied=applied,
-        dry_run=args.dry_run,
-        resume=args.resume,
-    )
+    try:
+        result = enforce(
+            address,
+            subject.policy,
+            timeout=args.timeout,
+            applied=applied,
+            dry_run=args.dry_run,
+            resume=args.resume,
+        )
+    except QMPError as err:
+        if args.verbose:  # the exchange that failed, before the traceback
+            sys.stderr.write(f"hvcpolicy: QMP sent: {json.dumps(err.sent, default=str)}\n")
+            sys.stderr.write(f"hvcpolicy: QMP received: {json.dumps(err.received, default=str)}\n")
+        raise
     for warning in result.warnings:
         sys.stderr.write(f"hvcpolicy: warning: {warning}\n")
     if args.format == "json":

@@ -129,3 +129,16 @@ def test_partial_write_leaves_the_guest_paused_and_says_so(sockdir: Path) -> Non
         landed = [rid for rid, value in planned.items() if regs[rid] == value]
         assert len(landed) == 1  # the first write landed, the second failed, the third never ran
         assert runstate(sock) == "prelaunch"
+
+
+def test_verbose_shows_the_failed_exchange(sockdir: Path) -> None:
+    policy = portable(sockdir)
+    sock = sockdir / "g.qmp"
+    with simulator(sock, "6.18", "--fault", "error@qom-set"):
+        run = hvcpolicy("apply", "--qmp", str(sock), "--policy", str(policy), "-v")
+        assert run.rc != 0
+        sent = next(ln for ln in run.err.splitlines() if ln.startswith("hvcpolicy: QMP sent: "))
+        got = next(ln for ln in run.err.splitlines() if ln.startswith("hvcpolicy: QMP received: "))
+        assert '"execute": "qom-set"' in sent and '"0x6030000000160001": 0' in sent
+        assert "simulated failure of qom-set" in got
+        assert runstate(sock) == "prelaunch"
