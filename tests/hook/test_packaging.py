@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.libvirt.conftest import machine_lock
+
 REPO = Path(__file__).resolve().parents[2]
 VERSION = "0.1.0"
 # Debian's own tools and Python, whatever the developer's PATH puts first
@@ -94,17 +96,18 @@ def installed(deb: Path, tmp_path: Path) -> Iterator[Path]:
         pytest.fail("installing the .deb needs root (CI runs as root)")
     if subprocess.run(["dpkg", "-s", "hvcpolicy"], capture_output=True).returncode == 0:
         pytest.fail("an hvcpolicy package is already installed here: not touching it")
-    saved = {p: _read(p) for p in ("/etc/libvirt/hooks/qemu.d/hvcpolicy",)}
-    run(["dpkg", "-i", "--force-confnew", str(deb)], timeout=300)
-    try:
-        yield tmp_path
-    finally:
-        run(["dpkg", "--purge", "hvcpolicy"], timeout=300)
-        for path, data in saved.items():
-            if data is not None:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                Path(path).write_bytes(data)
-                os.chmod(path, 0o755)
+    with machine_lock():  # the package installs into /etc/libvirt/hooks, as the tests do
+        saved = {p: _read(p) for p in ("/etc/libvirt/hooks/qemu.d/hvcpolicy",)}
+        run(["dpkg", "-i", "--force-confnew", str(deb)], timeout=300)
+        try:
+            yield tmp_path
+        finally:
+            run(["dpkg", "--purge", "hvcpolicy"], timeout=300)
+            for path, data in saved.items():
+                if data is not None:
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                    Path(path).write_bytes(data)
+                    os.chmod(path, 0o755)
 
 
 def _read(path: str) -> bytes | None:

@@ -193,10 +193,53 @@ def _session_user() -> pwd.struct_passwd:
         return pwd.getpwnam(SESSION_USER)
 
 
+LOCK = "/run/lock/hvcpolicy-libvirt-tests.lock"
+LOCK_WAIT = 900
+_lock_depth = 0
+
+
+@contextlib.contextmanager
+def machine_lock() -> Iterator[None]:
+    """One user of this machine's libvirtd, hooks dir and /etc/hvcpolicy at a time: another
+    test run (or bench) waits here, bounded, instead of stopping the daemon under us."""
+    import fcntl
+
+    global _lock_depth
+    if _lock_depth:  # this process holds it already (flock would wait on ourselves)
+        _lock_depth += 1
+        try:
+            yield
+        finally:
+            _lock_depth -= 1
+        return
+    os.makedirs(os.path.dirname(LOCK), exist_ok=True)
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{LOCK} held by another run for {LOCK_WAIT} s")
+                time.sleep(0.5)
+        _lock_depth = 1
+        yield
+    finally:
+        _lock_depth = 0
+        os.close(fd)  # releases the lock
+
+
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
     if os.geteuid() != 0:
         pytest.fail("the libvirt tests run as root (CI does): they start the system libvirtd")
+    with machine_lock():
+        yield from _lab()
+
+
+def _lab() -> Iterator[Lab]:
     user = _session_user()
     root = Path(tempfile.mkdtemp(prefix="hvcpolicy-libvirt-", dir="/var/tmp"))
     root.chmod(0o755)
