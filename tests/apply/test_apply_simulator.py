@@ -293,3 +293,18 @@ def test_usage_and_input_errors(sockdir: Path) -> None:
     assert run.rc == 4, run
     run = hvcpolicy("apply", "--qmp", str(sockdir / "absent.qmp"), "--policy", str(policy))
     assert run.rc == 5 and "cannot connect" in run.err and run.err.count("\n") == 1
+
+
+def test_unmanaged_domain_is_left_alone(sockdir: Path) -> None:
+    """No hvcpolicy metadata and no 'default' policy: exit 0 without touching QEMU."""
+    xml = sockdir / "plain.xml"
+    xml.write_text("<domain type='kvm'><name>plain</name><memory>1</memory></domain>\n")
+    sock = sockdir / "g.qmp"
+    with simulator(sock, "6.18"):
+        before = registers(sock)
+        run = hvcpolicy(
+            "apply", "--qmp", str(sock), "--domain-xml", str(xml), "--policy-dir", str(sockdir)
+        )
+        assert run.rc == 0, run
+        assert "leaves this domain alone" in run.out
+        assert registers(sock) == before
