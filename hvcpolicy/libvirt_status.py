@@ -37,8 +37,9 @@ def list_domains(conn: Any) -> list[Any]:
     doms = list(lv.call("list domains", conn.listAllDomains, 0))
 
     def order(dom: Any) -> tuple[int, int, str]:
-        ident = int(lv.call("domain id", dom.ID))
-        return (0, ident, "") if ident >= 0 else (1, 0, str(lv.call("domain name", dom.name)))
+        # ID() and name() are known locally (no call to libvirtd): -1 for an inactive domain
+        ident = int(dom.ID())
+        return (0, ident, "") if ident >= 0 else (1, 0, str(dom.name()))
 
     return sorted(doms, key=order)
 
@@ -243,9 +244,28 @@ def domain_row(dom: Any, policy_dir: str | None, timeout: float) -> Row:
     return row
 
 
+def _exists(conn: Any, dom: Any) -> bool:
+    """Is the domain still defined? (``dom.UUID()`` is known locally, no call to libvirtd.)"""
+    lib = lv._lib()
+    try:
+        conn.lookupByUUID(dom.UUID())
+        return True
+    except lib.libvirtError:
+        return False
+
+
 def collect(uri: str | None, policy_dir: str | None, timeout: float) -> list[Row]:
+    """A row per domain. A transient domain that goes away while it is listed is left out, as
+    ``virsh list`` would have; any other libvirt failure is Unavailable (exit 5)."""
     conn = lv.connect(uri)
     try:
-        return [domain_row(dom, policy_dir, timeout) for dom in list_domains(conn)]
+        rows = []
+        for dom in list_domains(conn):
+            try:
+                rows.append(domain_row(dom, policy_dir, timeout))
+            except Unavailable:
+                if _exists(conn, dom):
+                    raise
+        return rows
     finally:
         conn.close()

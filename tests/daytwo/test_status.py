@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
+import pytest
+
+from hvcpolicy import XMLNS
 from hvcpolicy import catalogue as cat
 from hvcpolicy.cli.daytwo import status_lines
 from hvcpolicy.domainxml import Applied
@@ -86,3 +90,46 @@ def test_status_of_an_unreachable_libvirt_exits_5_with_one_line() -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hvcpolicy: libvirt qemu+unix:///system")
     assert "Traceback" not in done.stderr
+
+
+def _test_driver_domain(conn: Any, name: str, meta: str = "") -> str:
+    return (
+        f"<domain type='test'><name>{name}</name>{meta}<memory>131072</memory><vcpu>1</vcpu>"
+        "<os><type arch='aarch64'>hvm</type></os></domain>"
+    )
+
+
+def test_collect_on_libvirts_test_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirt's in-process test driver: no daemon, no QMP pass-through (so running managed
+    domains are unreachable), and a domain that vanishes while listed is left out."""
+    import libvirt
+
+    from hvcpolicy import libvirt_status
+
+    uri = "test:///default"
+    conn = libvirt.open(uri)
+    meta = f'<metadata><hvc:policy xmlns:hvc="{XMLNS}" ref="fleet-2026"/></metadata>'
+    web = conn.defineXML(_test_driver_domain(conn, "web-t", meta))
+    web.create()
+    conn.defineXML(_test_driver_domain(conn, "idle-t"))
+    gone = conn.createXML(_test_driver_domain(conn, "gone-t"), 0)
+    listed = libvirt_status.list_domains(conn)
+    gone.destroy()  # transient: destroyed is undefined
+    monkeypatch.setattr(libvirt_status, "list_domains", lambda _c: listed)
+    rows = {r.name: r for r in libvirt_status.collect(uri, str(EXAMPLES / "policies"), 1.0)}
+    assert "gone-t" not in rows
+    w = rows["web-t"]
+    assert (w.state, w.policy, w.policy_source, w.live) == ("running", "fleet-2026", "domain",
+                                                            "unreachable")  # fmt: skip
+    assert "qemu-monitor-command" in w.detail
+    i = rows["idle-t"]
+    assert (i.state, i.id, i.policy, i.policy_source, i.live) == (
+        "shut off", None, "default", "default", "-"
+    )  # fmt: skip
+    # running domains first, by id; then the others by name
+    names = list(rows)
+    assert names.index("web-t") < names.index("idle-t")
+    # and with no default policy, the running, unannotated "test" domain is unmanaged
+    rows = {r.name: r for r in libvirt_status.collect(uri, "/nonexistent", 1.0)}
+    assert (rows["test"].policy, rows["test"].live) == (None, "unmanaged")
+    conn.close()
