@@ -214,6 +214,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         new_xml = add_to_definition(xml, render_policy(meta), qmp_path)
         parse_domain(new_xml, where)  # what the hook will read back
         libvirt.define(conn, new_xml)
+        running = libvirt.is_active(dom)
     finally:
         conn.close()
     sock = qmp_path or current.commandline_qmp
@@ -222,19 +223,9 @@ def cmd_attach(args: argparse.Namespace) -> int:
         + (f"; hvcpolicy talks QMP at {meta.qmp_socket}" if meta.qmp_socket else "")
         + "\n"
     )
-    if dom_is_running(args):
+    if running:
         sys.stdout.write(f"{args.domain}: running; takes effect at the next start\n")
     return EXIT_OK
-
-
-def dom_is_running(args: argparse.Namespace) -> bool:
-    from hvcpolicy import libvirt
-
-    conn = libvirt.connect(args.connect)
-    try:
-        return libvirt.is_active(libvirt.lookup(conn, args.domain))
-    finally:
-        conn.close()
 
 
 # --- start --------------------------------------------------------------------------------------
