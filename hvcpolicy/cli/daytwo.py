@@ -12,7 +12,13 @@ import os
 import sys
 from typing import Any
 
-from hvcpolicy.errors import EXIT_OK, EXIT_REFUSED, InvalidInput
+from hvcpolicy.errors import (
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNAVAILABLE,
+    InvalidInput,
+)
 
 DIFF_EPILOG = (
     "example: hvcpolicy diff examples/hosts/neoverse-n1_linux-6.1.json "
@@ -57,8 +63,9 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         "record, and whether its live firmware registers (read over libvirt's QMP pass-through, "
         "or the domain's <hvc:qmp> socket when QEMU itself lacks the interface) still match that "
         "record (without a record: what the policy plans). Like `virsh list --all`; --format json "
-        "for monitoring. Exit 0 when every checked domain matches, 3 when one drifted (DRIFT), "
-        "5 when libvirt is unreachable.",
+        "for monitoring. Exit 0 when every checked domain matches (or QEMU lacks the interface), "
+        "3 when one drifted (DRIFT), else 4 when one's metadata or policy is invalid, else 5 "
+        "when libvirt or a domain's QMP is unreachable.",
         epilog=STATUS_EPILOG,
     )
     p.add_argument(
@@ -132,11 +139,25 @@ def status_lines(rows: list[Any]) -> list[str]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from hvcpolicy.cli.common import emit_json
-    from hvcpolicy.libvirt_status import DRIFT, collect
+    from hvcpolicy.libvirt_status import collect
 
     rows = collect(args.connect, args.policy_dir, args.timeout)
     if args.format == "json":
         emit_json([r.to_json() for r in rows])
     else:
         sys.stdout.write("\n".join(status_lines(rows)) + "\n")
-    return EXIT_REFUSED if any(r.live == DRIFT for r in rows) else EXIT_OK
+    return status_exit(rows)
+
+
+def status_exit(rows: list[Any]) -> int:
+    """3 when a domain drifted, else 4 when one's metadata or policy is invalid, else 5 when
+    one's QMP could not be read, else 0 (QEMU lacking the interface is a state, not an error:
+    its policy's ``unsupported-qemu`` decided at start)."""
+    from hvcpolicy.libvirt_status import DRIFT, INVALID, UNREACHABLE
+
+    live = {r.live for r in rows}
+    if DRIFT in live:
+        return EXIT_REFUSED
+    if INVALID in live:
+        return EXIT_INVALID
+    return EXIT_UNAVAILABLE if UNREACHABLE in live else EXIT_OK

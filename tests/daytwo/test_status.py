@@ -133,3 +133,16 @@ def test_collect_on_libvirts_test_driver(monkeypatch: pytest.MonkeyPatch) -> Non
     rows = {r.name: r for r in libvirt_status.collect(uri, "/nonexistent", 1.0)}
     assert (rows["test"].policy, rows["test"].live) == (None, "unmanaged")
     conn.close()
+
+
+def test_status_exit_codes_by_priority() -> None:
+    from hvcpolicy.cli.daytwo import status_exit
+
+    def rows(*lives: str) -> list[Row]:
+        return [Row(f"d{i}", "u", None, "running", live=live) for i, live in enumerate(lives)]
+
+    assert status_exit(rows(MATCH, "-", "unmanaged", "no-interface")) == 0
+    assert status_exit(rows(MATCH, "unreachable")) == 5
+    assert status_exit(rows("unreachable", "invalid")) == 4
+    assert status_exit(rows("invalid", DRIFT, "unreachable")) == 3
+    assert status_exit([]) == 0
