@@ -284,3 +284,23 @@ def test_an_empty_policy_dir_reports_the_host_only(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert f"policies: none found ({tmp_path})" in r.stdout
     assert "+ new register VENDOR_HYP_BMAP_2" in r.stdout
+
+
+def test_a_new_unknown_firmware_register_is_seen_and_blocks_the_way_back() -> None:
+    old = load_snapshot(str(NEW))
+    new = with_regs(old, x6030000000140004=0x1)  # a WORKAROUND_4 this catalogue does not know
+    host = diff_hosts(old, new)
+    assert [(c.change, c.summary) for c in host.registers] == [
+        ("added", "new register 0x6030000000140004 = 0x1: reads 0x1")
+    ]
+    impact = diff(old, new, [policy("quiet", {"unknown": "deny"})]).policies[0]
+    assert impact.sees == ["0x6030000000140004 = 0x1 (the old kernel lacks the register)"]
+    assert [m.direction for m in impact.migration_refused] == ["new-to-old"]
+    every = {name: "allow" for name in cat.FEATURES}
+    review = policy("review", {"unknown": "refuse", "features": every})
+    reviewed = diff(old, new, [review]).policies[0]
+    assert reviewed.old_plan.ok and reviewed.now_refused
+    assert reviewed.new_plan.refusals == [
+        "host has register 0x6030000000140004, which policy 'review' does not name "
+        "(unknown: refuse)"
+    ]
