@@ -39,7 +39,16 @@ class PolicyRepo:
         return r
 
     def pre_commit(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.run(sys.executable, "-m", "pre_commit", *args, timeout=INSTALL_TIMEOUT)
+        # without PYTHONPATH: the hook must run the hvcpolicy pre-commit installed, not this tree
+        env = {k: v for k, v in self.env.items() if k != "PYTHONPATH"}
+        return subprocess.run(
+            [sys.executable, "-m", "pre_commit", *args],
+            capture_output=True,
+            text=True,
+            cwd=self.path,
+            env=env,
+            timeout=INSTALL_TIMEOUT,
+        )
 
 
 def _copy(dest: Path, env: dict[str, str]) -> PolicyRepo:
@@ -111,7 +120,15 @@ def test_pre_commit_rejects_a_broken_policy_naming_file_and_field(repo: PolicyRe
         # the same through git: the installed hook refuses the commit
         assert repo.pre_commit("install").returncode == 0
         before = repo.git("rev-parse", "HEAD").stdout
-        c = repo.run("git", "commit", "-q", "-m", "typo", timeout=INSTALL_TIMEOUT)
+        env = {k: v for k, v in repo.env.items() if k != "PYTHONPATH"}
+        c = subprocess.run(
+            ["git", "commit", "-q", "-m", "typo"],
+            capture_output=True,
+            text=True,
+            cwd=repo.path,
+            env=env,
+            timeout=INSTALL_TIMEOUT,
+        )
         assert c.returncode != 0, c.stdout + c.stderr
         assert "spec.features.trgn" in c.stdout + c.stderr
         assert repo.git("rev-parse", "HEAD").stdout == before
