@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from typing import Any
@@ -23,17 +24,18 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
     from hvcpolicy.simulator.profiles import PROFILE_NAMES
     from hvcpolicy.simulator.server import RUNSTATES
 
-    faults = "; ".join(f"{k.name}: {k.help}" for k in KINDS.values())
+    faults = "\n".join(f"  {k.name}: {k.help}" for k in KINDS.values())
     p = sub.add_parser(
         "simulate",
         parents=[parent],
         help="serve the firmware-register QMP interface for a simulated arm64 KVM host",
         description=(
-            "Serve QEMU's QMP, with the kvm-firmware-registers vCPU property, on a unix socket "
-            "for a simulated arm64 KVM host. The socket appears once it accepts connections; "
+            "Serve QEMU's QMP, with the kvm-firmware-registers vCPU property, on a unix socket\n"
+            "for a simulated arm64 KVM host. The socket appears once it accepts connections;\n"
             "the server exits after quit, SIGTERM or SIGINT."
         ),
-        epilog=f"faults (--fault NAME[@COMMAND[#N]][=VALUE]): {faults}",
+        epilog=f"faults (--fault NAME[@COMMAND[#N]][=VALUE], repeatable):\n{faults}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--socket", required=True, metavar="PATH", help="unix socket to serve")
     p.add_argument(
@@ -119,11 +121,27 @@ def run(args: argparse.Namespace) -> int:
             backend = SimBackend(vm, args.runstate or "prelaunch", faults, has_run)
         server = QMPServer(backend, faults)
         loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+
+        def on_signal() -> None:
+            stopping.set()
+            server.request_stop(0)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, server.request_stop, 0)
+            loop.add_signal_handler(sig, on_signal)
         try:
             if isinstance(backend, UpstreamBackend):
-                await backend.connect()
+                # A signal during the (bounded) connect ends the process at once, with 0.
+                connect = loop.create_task(backend.connect())
+                stop = loop.create_task(stopping.wait())
+                await asyncio.wait({connect, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if not connect.done():
+                    connect.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await connect
+                    return 0
+                connect.result()
             code = await server.serve(args.socket)
         finally:
             await backend.close()

@@ -54,8 +54,7 @@ KINDS: dict[str, FaultKind] = {
         FaultKind("no-greeting", "accept connections but never send the QMP greeting", False),
         FaultKind(
             "one-client",
-            "like a real QEMU monitor, serve one connection at a time: a later client gets "
-            "its greeting only once the earlier one has gone",
+            "one connection at a time, as a QEMU monitor: a later one is greeted when it goes",
             False,
         ),
         FaultKind("bad-greeting", "greet with a JSON object that is not a QMP greeting", False),

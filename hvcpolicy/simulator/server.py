@@ -710,6 +710,7 @@ class QMPServer:
         self._watcher: asyncio.Task[None] | None = None
         self._closed = False
         self.monitor_lock = asyncio.Lock()  # the one-client fault
+        self._early_stop: int | None = None
 
     @property
     def vm(self) -> SimVM:
@@ -720,6 +721,9 @@ class QMPServer:
 
     async def start(self, path: str) -> None:
         self._done = asyncio.get_running_loop().create_future()
+        if self._early_stop is not None:
+            self._done.set_result(self._early_stop)
+            return
         sock = listen_unix(path)
         self._path = path
         self._server = await asyncio.start_unix_server(self._accept, sock=sock)
@@ -748,7 +752,9 @@ class QMPServer:
             session.send_event(msg)
 
     def request_stop(self, code: int) -> None:
-        if self._done is not None and not self._done.done():
+        if self._done is None:  # not listening yet (e.g. SIGTERM while --upstream connects)
+            self._early_stop = code if self._early_stop is None else self._early_stop
+        elif not self._done.done():
             self._done.set_result(code)
 
     def crash(self) -> None:

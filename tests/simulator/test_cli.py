@@ -180,9 +180,9 @@ def test_help_lists_every_fault() -> None:
 
     result = run_cli("--help")
     assert result.returncode == 0
-    text = " ".join(result.stdout.split())
+    lines = result.stdout.splitlines()
     for name in KINDS:
-        assert f"{name}:" in text
+        assert any(line.startswith(f"  {name}: ") for line in lines), name
 
 
 def test_standalone_entry_point(sock: str) -> None:
@@ -202,3 +202,54 @@ def test_standalone_entry_point(sock: str) -> None:
         timeout=20,
     )
     assert bad.returncode == 4 and bad.stderr.count("\n") == 1
+
+
+def test_sigterm_while_the_upstream_never_greets(sock: str) -> None:
+    mute = socket.socket(socket.AF_UNIX)
+    mute.bind(sock + ".mute")
+    mute.listen(1)  # accepts (in the backlog), never greets
+    try:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hvcpolicy",
+                "simulate",
+                "--socket",
+                sock,
+                "--kernel",
+                "6.18",
+                "--upstream",
+                sock + ".mute",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            time.sleep(1.0)  # started, waiting for the greeting (bounded at 5 s)
+            assert proc.poll() is None
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+            assert time.monotonic() - t0 < 3
+            assert proc.communicate(timeout=5) == (b"", b"")
+            assert not os.path.exists(sock)
+        finally:
+            stop_process(proc)
+    finally:
+        mute.close()
+
+
+def test_upstream_that_never_greets_is_exit_5(sock: str) -> None:
+    mute = socket.socket(socket.AF_UNIX)
+    mute.bind(sock + ".mute")
+    mute.listen(1)
+    try:
+        t0 = time.monotonic()
+        result = run_cli("--socket", sock, "--kernel", "6.18", "--upstream", sock + ".mute")
+        assert result.returncode == 5 and "--upstream" in result.stderr
+        assert 4 < time.monotonic() - t0 < 15  # the 5 s bound on the greeting
+        assert not os.path.exists(sock)
+    finally:
+        mute.close()
