@@ -6,10 +6,14 @@ Pure data, from reference/kvm-arm64-firmware-registers.md. Register ids are ints
 
 from __future__ import annotations
 
-import enum
-import re
-
+from hvcpolicy.lean import match_hex, match_psci
 from hvcpolicy.record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from enum import Enum
+else:  # enum costs the hook more than the interpreter's start-up (hvcpolicy/lean.py)
+    from hvcpolicy.lean import Enum
 
 KVM_REG_ARM64 = 0x6000000000000000
 KVM_REG_SIZE_U64 = 0x0030000000000000
@@ -20,7 +24,7 @@ _COPROC_MASK = 0xFFFF << _COPROC_SHIFT
 U64_MAX = (1 << 64) - 1
 
 
-class Kind(enum.Enum):
+class Kind(Enum):
     PSCI = "psci"
     WORKAROUND = "workaround"  # WA1 / WA3: levels 0 NOT_AVAIL, 1 AVAIL, 2 NOT_REQUIRED
     WORKAROUND2 = "workaround2"  # WA2: 0 NOT_AVAIL, 1 UNKNOWN, 2 AVAIL, 3 NOT_REQUIRED, bit 4
@@ -140,15 +144,13 @@ PSCI_1_2 = 0x10002
 PSCI_1_3 = 0x10003
 PSCI_VERSIONS_0_2_AND_LATER = (PSCI_0_2, PSCI_1_0, PSCI_1_1, PSCI_1_2, PSCI_1_3)
 
-_PSCI_TEXT = re.compile(r"^(0|[1-9][0-9]{0,4})\.(0|[1-9][0-9]{0,4})$")
-
 
 def psci_parse(text: str) -> int | None:
     """Parse "1.1" -> 0x10001; None when not of the form MAJOR.MINOR."""
-    m = _PSCI_TEXT.match(text)
+    m = match_psci(text)  # ^(0|[1-9][0-9]{0,4})\.(0|[1-9][0-9]{0,4})$
     if m is None:
         return None
-    major, minor = int(m.group(1)), int(m.group(2))
+    major, minor = int(m[0]), int(m[1])
     if major > 0x7FFF or minor > 0xFFFF:
         return None
     return (major << 16) | minor
@@ -194,12 +196,9 @@ def fmt_value(value: int) -> str:
     return f"0x{value:x}"
 
 
-_HEX = re.compile(r"^0x[0-9a-fA-F]{1,16}$")
-
-
 def parse_hex(text: str) -> int | None:
     """A u64 written as ``0x`` hex; None when it is not one."""
-    if not isinstance(text, str) or _HEX.match(text) is None:
+    if not isinstance(text, str) or not match_hex(text):  # ^0x[0-9a-fA-F]{1,16}$
         return None
     return int(text, 16)
 

@@ -8,13 +8,13 @@ error rather than something silently skipped.
 
 from __future__ import annotations
 
-import re
 from xml.parsers import expat
 
 from hvcpolicy import XMLNS
 from hvcpolicy import catalogue as cat
 from hvcpolicy.errors import InvalidInput, bounded
-from hvcpolicy.policy import NAME_RE, Mode, Unknown, key_text, parse_feature
+from hvcpolicy.lean import match_qmp_unix
+from hvcpolicy.policy import Mode, Unknown, is_policy_name, key_text, parse_feature
 from hvcpolicy.record import Record
 
 TYPE_CHECKING = False
@@ -94,9 +94,6 @@ class Domain(Record):
         return self.commandline_qmp
 
 
-_QMP_UNIX = re.compile(r"^unix:([^,]+)")
-
-
 def qmp_from_args(args: list[str]) -> str | None:
     """The first unix QMP socket in a QEMU argv (``-qmp unix:P,...`` or a chardev + ``-mon``)."""
     chardevs: dict[str, str] = {}
@@ -104,9 +101,9 @@ def qmp_from_args(args: list[str]) -> str | None:
     for i, arg in enumerate(args[:-1]):
         value = args[i + 1]
         if arg in ("-qmp", "--qmp"):
-            m = _QMP_UNIX.match(value)
-            if m:
-                return m.group(1)
+            path = match_qmp_unix(value)  # ^unix:([^,]+)
+            if path:
+                return path
         elif arg == "-chardev" and value.startswith("socket,"):
             opts = dict(o.split("=", 1) for o in value.split(",")[1:] if "=" in o)
             if "id" in opts and "path" in opts:
@@ -270,7 +267,7 @@ def _build_policy(h: _Handler, where: str) -> DomainPolicy:
         if key != "ref":
             raise InvalidInput(f"<hvc:policy> has an unknown attribute {bounded(key, 40)!r}", where)
     ref = _attr(h.policy_attrs, "ref", "policy", where)
-    if not NAME_RE.match(ref):
+    if not is_policy_name(ref):
         raise InvalidInput(f"<hvc:policy ref>: {bounded(ref, 80)!r} is not a policy name", where)
     features: dict[FeatureKey, Mode] = {}
     unknown = None

@@ -8,19 +8,20 @@ implements, and each mitigation register reads the host's level.
 
 from __future__ import annotations
 
-import enum
-import re
-
 from hvcpolicy import catalogue as cat
 from hvcpolicy.catalogue import Kind
+from hvcpolicy.lean import match_version
 from hvcpolicy.record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from enum import Enum
+else:  # enum costs the hook more than the interpreter's start-up (hvcpolicy/lean.py)
+    from hvcpolicy.lean import Enum
 
 
-class Errno(enum.Enum):
+class Errno(Enum):
     ENOENT = "ENOENT"
     EINVAL = "EINVAL"
     EBUSY = "EBUSY"
@@ -134,13 +135,11 @@ class Host(Record):
 
 # --- what each kernel version lists (used to describe hosts we have no dump of) --------------
 
-_VERSION = re.compile(r"^(\d+)\.(\d+)")
-
 
 def parse_version(release: str) -> tuple[int, int] | None:
     """``6.1.172-216.329.amzn2023.aarch64`` -> (6, 1)."""
-    m = _VERSION.match(release)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+    m = match_version(release)  # ^(\d+)\.(\d+)
+    return (int(m[0]), int(m[1])) if m else None
 
 
 def default_psci(version: tuple[int, int]) -> int:

@@ -8,35 +8,38 @@ the schema are the slow part: ``Policy.to_compiled`` / ``from_compiled`` let a c
 
 from __future__ import annotations
 
-import enum
 import os
-import re
 
 from hvcpolicy import catalogue as cat
 from hvcpolicy.errors import InvalidInput, bounded
+from hvcpolicy.lean import match_name
 from hvcpolicy.record import Record
 from hvcpolicy.snapshot import decode_json, read_bounded
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from enum import Enum
     from typing import Any
+else:  # enum costs the hook more than the interpreter's start-up (hvcpolicy/lean.py)
+    from hvcpolicy.lean import Enum
 
 API_VERSION = "hvcpolicy/v1"
 KIND = "FirmwarePolicy"
 DEFAULT_POLICY_DIR = "/etc/hvcpolicy/policies"
 DEFAULT_NAME = "default"
 EXTENSIONS = (".yaml", ".yml", ".json")
-# \Z, not $: "$" also matches before a trailing newline ("fleet-2026\n" would pass).
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+# A policy name: ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z (\Z, not $: "$" also matches before a
+# trailing newline, and "fleet-2026\n" would pass). lean.match_name is that pattern, without re.
+is_policy_name = match_name
 
 
-class Mode(enum.Enum):
+class Mode(Enum):
     ALLOW = "allow"
     DENY = "deny"
     REQUIRE = "require"
 
 
-class Unknown(enum.Enum):
+class Unknown(Enum):
     DENY = "deny"
     ALLOW = "allow"
     REFUSE = "refuse"
@@ -348,7 +351,7 @@ def policy_dir(arg: str | None) -> str:
 
 def policy_path(ref: str, directory: str) -> str | None:
     """The file that defines policy ``ref`` in ``directory``; None when there is none."""
-    if not NAME_RE.match(ref):
+    if not is_policy_name(ref):
         raise InvalidInput(
             f"policy name {bounded(ref, 80)!r} is not a valid name ([a-z0-9-], at most 63)"
         )

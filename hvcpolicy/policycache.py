@@ -9,12 +9,12 @@ else is a miss, and the caller validates from scratch.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 
 from hvcpolicy import __version__
 from hvcpolicy.errors import InvalidInput
+from hvcpolicy.lean import json_loads
 from hvcpolicy.policy import Policy, decode_file, parse_policy, policy_path, stem_of
 from hvcpolicy.snapshot import MAX_FILE
 
@@ -72,7 +72,7 @@ def load_cached(ref: str, policy_dir: str, cache_dir: str | None) -> Policy | No
     if raw is None or source is None:
         return None
     try:
-        entry = json.loads(raw)
+        entry = json_loads(raw)
         if (
             entry.get("format") != FORMAT
             or entry.get("tool") != __version__
@@ -109,6 +109,7 @@ def store(policy: Policy, policy_dir: str, cache_dir: str | None) -> bool:
         "policy": current.to_compiled(),
     }
     os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    import json
     import tempfile
 
     fd, tmp = tempfile.mkstemp(prefix=f".{policy.name}.", dir=cache_dir)

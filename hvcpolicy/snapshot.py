@@ -6,12 +6,11 @@ hand-written checks here and schemas/snapshot.schema.json agree (tests hold them
 
 from __future__ import annotations
 
-import json
 import os
-import re
 
 from hvcpolicy import catalogue as cat
 from hvcpolicy.errors import InvalidInput, bounded
+from hvcpolicy.lean import json_loads, match_qemu_version, match_taken
 from hvcpolicy.record import Record
 
 TYPE_CHECKING = False
@@ -23,8 +22,6 @@ API_VERSION = "hvcpolicy/v1"
 KIND = "HostSnapshot"
 SOURCES = ("kvm", "qmp", "simulated", "baseline")
 DEFAULT_PATH = "/var/lib/hvcpolicy/host.json"
-_QEMU_VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?")
-_TAKEN = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 _FIELDS = {"apiVersion", "kind", "host", "kernel", "taken", "source", "qemu", "registers"}
 
 
@@ -72,10 +69,10 @@ class Snapshot(Record):
 def qemu_version(text: str | None) -> tuple[int, int, int] | None:
     if text is None:
         return None
-    m = _QEMU_VERSION.match(text)
+    m = match_qemu_version(text)  # ^(\d+)\.(\d+)(?:\.(\d+))?
     if m is None:
         return None
-    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+    return int(m[0]), int(m[1]), int(m[2] or 0)
 
 
 def parse_snapshot(doc: object, where: str) -> Snapshot:
@@ -99,7 +96,7 @@ def parse_snapshot(doc: object, where: str) -> Snapshot:
     if source not in SOURCES:
         raise InvalidInput(f"source: must be one of {', '.join(SOURCES)}", where)
     taken = doc.get("taken")
-    if taken is not None and (not isinstance(taken, str) or not _TAKEN.match(taken)):
+    if taken is not None and (not isinstance(taken, str) or not match_taken(taken)):
         raise InvalidInput("taken: must be an RFC 3339 date-time like 2026-11-24T23:00:00Z", where)
     qemu = doc.get("qemu")
     if qemu is not None and (
@@ -148,7 +145,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def decode_json(data: bytes, where: str) -> object:
     """JSON with duplicate keys refused (the last one silently winning is how policies lie)."""
     try:
-        return json.loads(data, object_pairs_hook=_reject_duplicates)
+        return json_loads(data, object_pairs_hook=_reject_duplicates)
     except RecursionError:
         raise InvalidInput("JSON nested too deeply", where) from None
     except (ValueError, UnicodeDecodeError) as err:
@@ -174,6 +171,8 @@ def load_snapshot(path: str) -> Snapshot:
 
 
 def dumps(snap: Snapshot) -> str:
+    import json
+
     return json.dumps(snap.to_json(), indent=2) + "\n"
 
 
