@@ -325,3 +325,31 @@ def _json_slow(
     import json
 
     return json.loads(data, object_pairs_hook=object_pairs_hook)
+
+
+def _not_serializable(o: object) -> Any:
+    raise TypeError(f"Object of type {o.__class__.__name__} is not JSON serializable")
+
+
+def json_dumps(value: Any) -> str:
+    """``json.dumps(value)`` with json's defaults, through json's own C encoder; on any error
+    (or without the accelerator), ``json.dumps`` itself, so errors are json's."""
+    try:
+        from _json import encode_basestring_ascii, make_encoder
+    except ImportError:
+        return _json_dumps_slow(value)
+    if isinstance(value, str):
+        return str(encode_basestring_ascii(value))
+    try:
+        encode = make_encoder(
+            {}, _not_serializable, encode_basestring_ascii, None, ": ", ", ", False, False, True
+        )
+        return "".join(encode(value, 0))
+    except Exception:
+        return _json_dumps_slow(value)
+
+
+def _json_dumps_slow(value: Any) -> str:
+    import json
+
+    return json.dumps(value)

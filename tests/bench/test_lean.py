@@ -113,8 +113,28 @@ def test_json_loads_is_json_loads(hook: Any) -> None:
 ))  # fmt: skip
 def test_json_loads_round_trips(value: Any) -> None:
     text = json.dumps(value)
+    assert lean.json_dumps(value) == text
     assert lean.json_loads(text) == json.loads(text)
     assert lean.json_loads(text.encode()) == json.loads(text.encode())
+
+
+def test_json_dumps_is_json_dumps() -> None:
+    cycle: list[object] = []
+    cycle.append(cycle)
+    for value in (
+        "é\u2028\x00", {"execute": "qom-set", "arguments": {"value": {"0x1": 3}}}, [1.5, None],
+        float("nan"), [float("inf")], {1: 2, False: 3, None: 4, 1.5: 5}, {(1,): 2}, object(),
+        cycle, 2**70, -0.0,
+    ):  # fmt: skip
+        try:
+            want: tuple[str, str] = ("ok", json.dumps(value))
+        except (TypeError, ValueError) as err:
+            want = (type(err).__name__, str(err))
+        try:
+            got: tuple[str, str] = ("ok", lean.json_dumps(value))
+        except (TypeError, ValueError) as err:
+            got = (type(err).__name__, str(err))
+        assert got == want, value
 
 
 class RealMode(enum.Enum):
