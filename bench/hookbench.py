@@ -285,7 +285,7 @@ class Sim:
 # --- the run ------------------------------------------------------------------------------------
 
 
-def setup(work: Path) -> tuple[str, dict[str, str]]:
+def setup(work: Path, package: Path) -> tuple[str, dict[str, str]]:
     """Install the hook as an operator would; -> (the hook's path, libvirtd's environment)."""
     if work.exists():
         shutil.rmtree(work)
@@ -302,7 +302,7 @@ def setup(work: Path) -> tuple[str, dict[str, str]]:
          "--hooks-dir", str(work / "hooks"), "--python", HOOK_PYTHON,
          "--policy-dir", str(work / "policies"), "--host-snapshot", str(work / "host.json"),
          "--cache-dir", str(work / "cache")],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(package)}, capture_output=True, text=True,
         timeout=60, cwd="/", check=False,
     )  # fmt: skip
     if done.returncode != 0:
@@ -316,11 +316,18 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--json", type=Path, default=OUT / "hook.json")
+    ap.add_argument(
+        "--package",
+        type=Path,
+        default=REPO,
+        help="the tree whose hvcpolicy the hook runs (to measure a candidate change)",
+    )
     args = ap.parse_args()
+    args.json = args.json.resolve()
     reexec_in_namespace()
     os.chdir("/")  # libvirt runs hooks with cwd /
     work = OUT / "hook"
-    hook, env = setup(work)
+    hook, env = setup(work, args.package.resolve())
     xml = work / "xml"
 
     def put(name: str, text: str) -> str:
@@ -365,9 +372,31 @@ def run(args: argparse.Namespace, hook: str, env: dict[str, str], put, sims: dic
     assert applied != {k: f"0x{int(v):x}" for k, v in sim_fresh.items()}, "the apply wrote nothing"
     meta = policy_meta("fleet-2026", "/nonexistent.qmp", applied_block(applied))
     moving = put("web1-applied.xml", live_xml("web1", uuid, meta))
+    # the apply command, as an operator runs it (the Python with site-packages: qemu.qmp)
+    cli_env = {**env, "PYTHONPATH": str(REPO)}
+    policy_file = str(OUT / "hook" / "policies" / "fleet-2026.yaml")
+    applies = [
+        Case(
+            f"hvcpolicy apply (CLI), {n} vCPU(s)",
+            [
+                sys.executable,
+                "-m",
+                "hvcpolicy",
+                "apply",
+                "--qmp",
+                sim.path,
+                "--policy",
+                policy_file,
+            ],
+            None,
+            cli_env,
+            before=sim.reset,
+        )
+        for n, sim in sims.items()
+    ]
     migrate = Case("hook: migrate", [hook, "web1", "migrate", "begin", "-"], moving, env)
     restore = Case("hook: restore", [hook, "web1", "restore", "begin", "-"], moving, env)
-    cases = [sh, py, ign_stage, ign_dom, prepare, migrate, restore, *started.values()]
+    cases = [sh, py, ign_stage, ign_dom, prepare, migrate, restore, *started.values(), *applies]
     for case in cases:  # each must do what it claims before it is timed
         check_once(case)
     audit_ok = check_once(prepare) == ""
@@ -391,7 +420,12 @@ def run(args: argparse.Namespace, hook: str, env: dict[str, str], put, sims: dic
             Figure(case.name, median(case.times) * ms, "ms", py.name, median(py.times) * ms,
                    4.0, "<= 4x", informational=n != 64)
         )  # fmt: skip
-    rss = {c.name: peak_rss_kib(c) for c in cases if c is not sh}
+    for case in applies:
+        figs.append(
+            Figure(case.name, median(case.times) * ms, "ms", py.name, median(py.times) * ms,
+                   4.0, "<= 4x", informational=True)
+        )  # fmt: skip
+    rss = {c.name: peak_rss_kib(c) for c in cases if c is not sh and c not in applies}
     worst = max((n for n in rss if n.startswith("hook")), key=lambda n: rss[n])
     figs.append(
         Figure(f"hook peak RSS (highest: {worst.removeprefix('hook: ')})", rss[worst] / 1024,
