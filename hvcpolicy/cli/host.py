@@ -23,7 +23,12 @@ _QEMU_VERSION = re.compile(r"QEMU emulator version (\d+\.\d+(?:\.\d+)?)")
 
 
 def register(sub: Any, parent: argparse.ArgumentParser) -> None:
-    host = sub.add_parser("host", help="this host's firmware registers")
+    host = sub.add_parser(
+        "host",
+        help="this host's firmware registers",
+        description="This host's firmware registers.",
+        epilog="example: hvcpolicy host probe -o /var/lib/hvcpolicy/host.json",
+    )
     hsub = host.add_subparsers(dest="host_command", metavar="SUBCOMMAND", parser_class=type(host))
     probe = hsub.add_parser(
         "probe",
@@ -31,6 +36,7 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         help="snapshot this host from /dev/kvm",
         description="Snapshot this host's firmware registers from /dev/kvm alone: a scratch VM, "
         "one vCPU with PSCI 0.2, KVM_GET_REG_LIST and KVM_GET_ONE_REG (no QEMU needed).",
+        epilog="example: hvcpolicy host probe -o /var/lib/hvcpolicy/host.json",
     )
     probe.add_argument(
         "-o",

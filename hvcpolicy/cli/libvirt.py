@@ -29,6 +29,7 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         help="what libvirt runs (stdin: domain XML)",
         description="The libvirt qemu hook: DOMAIN OP SUBOP EXTRA, the domain XML on stdin. "
         "Installed hooks run hvcpolicy/hook.py directly; this is the same entry.",
+        epilog="example: hvcpolicy hook web1 prepare begin - < web1.xml",
     )
     p.add_argument("libvirt_args", nargs="*", metavar="ARG")
     p.set_defaults(func=cmd_hook)

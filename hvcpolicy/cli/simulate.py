@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import signal
 import sys
@@ -32,9 +31,10 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         description=(
             "Serve QEMU's QMP, with the kvm-firmware-registers vCPU property, on a unix socket\n"
             "for a simulated arm64 KVM host. The socket appears once it accepts connections;\n"
-            "the server exits after quit, SIGTERM or SIGINT."
+            "the server exits after quit, SIGTERM or SIGINT.\n\n"
+            f"faults (--fault NAME[@COMMAND[#N]][=VALUE], repeatable):\n{faults}"
         ),
-        epilog=f"faults (--fault NAME[@COMMAND[#N]][=VALUE], repeatable):\n{faults}",
+        epilog="example: hvcpolicy simulate --socket /tmp/web1.qmp --kernel 6.18 --vcpus 2",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--socket", required=True, metavar="PATH", help="unix socket to serve")
@@ -93,6 +93,8 @@ def _wa_levels(text: str | None) -> dict[int, int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio  # here, not at the top: building the CLI parser must not load asyncio
+
     from hvcpolicy.simulator.faults import Faults
     from hvcpolicy.simulator.profiles import profile_for
     from hvcpolicy.simulator.server import QMPServer, SimBackend, UpstreamBackend
