@@ -243,6 +243,8 @@ def parse_domain(xml: str | bytes, where: str = "domain XML") -> Domain:
         ) from None
     except RecursionError:
         raise InvalidInput("XML nested too deeply", where) from None
+    except LookupError as err:  # expat on bytes: <?xml encoding="x-unknown"?>
+        raise InvalidInput(f"unsupported XML encoding: {bounded(str(err), 80)}", where) from None
     if h.domain_depth is None:
         raise InvalidInput("no <domain> element", where)
     meta = None if h.policy_attrs is None else _build_policy(h, where)
