@@ -40,7 +40,9 @@ def line(fields: Mapping[str, str]) -> str:
 
 def record(fields: Mapping[str, str], audit_file: str | None = None, warning: bool = False) -> str:
     """Log one decision; never raises (an audit failure must not change the decision)."""
-    text = line(fields)
+    # argv may carry surrogate escapes (a name that is not UTF-8): syslog and the file would
+    # raise UnicodeEncodeError on them, so such bytes are written as \udcXX escapes.
+    text = line(fields).encode("utf-8", "backslashreplace").decode("utf-8")
     try:
         import syslog
 
