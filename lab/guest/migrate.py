@@ -193,6 +193,31 @@ def patched(data: bytes, changes: dict[int, int]) -> bytes:
     return bytes(out)
 
 
+def is_fw(rid: int) -> bool:
+    return (rid >> 16) & 0xFFFF in (0x14, 0x16)
+
+
+def transplant(dst_data: bytes, src_data: bytes) -> bytes:
+    """The destination's own stream with the source's firmware registers in place of its own.
+
+    Everything else (system, demux and timer registers, memory, devices) is what the destination
+    kernel itself produced, so loading it asks QEMU and the destination kernel about the firmware
+    registers alone: the question hvcpolicy answers. The stream has no lengths around the cpu
+    section's fields, so the cpreg arrays may grow or shrink (a register only one side has).
+    """
+    ds, dn = cpreg_arrays(dst_data)
+    ss, sn = cpreg_arrays(src_data)
+    d_ids = struct.unpack_from(f">{dn}Q", dst_data, ds)
+    d_vals = struct.unpack_from(f">{dn}Q", dst_data, ds + 8 * dn)
+    s_ids = struct.unpack_from(f">{sn}Q", src_data, ss)
+    s_vals = struct.unpack_from(f">{sn}Q", src_data, ss + 8 * sn)
+    entries = {i: v for i, v in zip(d_ids, d_vals, strict=True) if not is_fw(i)}
+    entries.update({i: v for i, v in zip(s_ids, s_vals, strict=True) if is_fw(i)})
+    ids = sorted(entries)
+    blob = struct.pack(f">i{len(ids)}Q{len(ids)}Q", len(ids), *ids, *(entries[i] for i in ids))
+    return dst_data[: ds - 4] + blob + dst_data[ds + 16 * dn :]
+
+
 def variants(fw: dict[int, int]) -> dict[str, dict[int, int]]:
     """Guest states worth migrating besides the kernel's defaults (only where they differ):
     PSCI pinned to 1.1 (a policy's psci.version), and VENDOR_HYP_BMAP_2 with both bits set."""
@@ -267,39 +292,60 @@ def load(outroot: str, outdir: str) -> int:
                     src = os.path.basename(os.path.dirname(path))
                     state = os.path.join(os.path.dirname(path), rec["state"])
                     sources.append((rec["qemu"], src, rec["variant"], state))
-    for version, q in qemus().items():
+    jobs = []
+    for version in qemus():
+        own = os.path.join(outdir, f"state-{version}.bin")
         for qemu, source, variant, state in sources:
             if qemu != version:
                 continue
-            sock = f"/tmp/dst-{version}.qmp"
-            t = time.monotonic()
-            proc = start(q, sock, ["-incoming", "defer"])
-            rec: dict[str, Any] = {"qemu": version, "source": source, "variant": variant}
-            try:
-                qmp = QMP(sock, proc)
-                qmp.cmd("migrate-incoming", uri=f"file:{os.path.abspath(state)}")
-                info = wait_migration(qmp, proc)
-                rec["status"] = info.get("status")
-                rec["error"] = info.get("error-desc")
-                if rec["status"] == "completed":
-                    time.sleep(0.5)  # the registers are put after the load: let that fail, if so
-                    rec["runstate"] = qmp.cmd("query-status")["status"]
-                    qmp.cmd("quit")
-                qmp.close()
-            except (RuntimeError, OSError) as e:
-                rec.setdefault("status", "error")
-                rec["error"] = str(e)
-            rec["alive"] = proc.poll() is None or proc.returncode == 0
-            rec["stderr"] = finish(proc)
-            rec["exit"] = proc.returncode
-            rec["accepted"] = (
-                rec.get("status") == "completed"
-                and rec.get("runstate") in ("prelaunch", "paused")
-                and proc.returncode == 0
-            )
-            rec["seconds"] = round(time.monotonic() - t, 2)
-            print(json.dumps(rec), flush=True)
-            results.append(rec)
+            jobs.append((version, source, variant, "full", state))
+            if os.path.exists(own):
+                with open(own, "rb") as f, open(state, "rb") as g:
+                    mixed = transplant(f.read(), g.read())
+                path = f"/tmp/fw-{version}-{source}-{variant}.bin"
+                with open(path, "wb") as f:
+                    f.write(mixed)
+                jobs.append((version, source, variant, "firmware", path))
+    all_qemus = qemus()
+    for version, source, variant, kind, state in jobs:
+        q = all_qemus[version]
+        sock = f"/tmp/dst-{version}.qmp"
+        t = time.monotonic()
+        # QEMU 11.1 names, as trace events, the registers it tolerates on either side.
+        newer = tuple(int(x) for x in version.split(".")[:2]) >= (11, 1)
+        trace = ["-trace", "tolerate_cpreg_*"] if newer else []
+        proc = start(q, sock, ["-incoming", "defer", *trace])
+        rec: dict[str, Any] = {
+            "qemu": version,
+            "source": source,
+            "variant": variant,
+            "stream": kind,
+        }
+        try:
+            qmp = QMP(sock, proc)
+            qmp.cmd("migrate-incoming", uri=f"file:{os.path.abspath(state)}")
+            info = wait_migration(qmp, proc)
+            rec["status"] = info.get("status")
+            rec["error"] = info.get("error-desc")
+            if rec["status"] == "completed":
+                time.sleep(0.5)  # the registers are put after the load: let that fail, if so
+                rec["runstate"] = qmp.cmd("query-status")["status"]
+                qmp.cmd("quit")
+            qmp.close()
+        except (RuntimeError, OSError) as e:
+            rec.setdefault("status", "error")
+            rec["error"] = str(e)
+        rec["alive"] = proc.poll() is None or proc.returncode == 0
+        rec["stderr"] = finish(proc)
+        rec["exit"] = proc.returncode
+        rec["accepted"] = (
+            rec.get("status") == "completed"
+            and rec.get("runstate") in ("prelaunch", "paused")
+            and proc.returncode == 0
+        )
+        rec["seconds"] = round(time.monotonic() - t, 2)
+        print(json.dumps(rec), flush=True)
+        results.append(rec)
     with open(os.path.join(outdir, "load.json"), "w") as f:
         json.dump({"kernel": platform.release(), "loads": results}, f, indent=1)
     return 0
