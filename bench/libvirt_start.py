@@ -12,7 +12,9 @@ the ``<hvc:applied>`` record and the resume. The QMP interface is served by
 ``hvcpolicy simulate``, started before each run (off the clock) as QEMU's own monitor would be
 ready: QEMU itself lacks the interface. Each run is followed, off the clock, by ``virsh destroy``.
 
-Environment: HVC_BENCH_REPS (rounds), HVC_BENCH_JSON (where the figures go).
+Environment: HVC_BENCH_REPS (rounds), HVC_BENCH_JSON (where the figures go), HVC_BENCH_PACKAGE
+(a candidate tree whose hvcpolicy/ and hooks/ replace the harness's copy, the hook reinstalled from
+it: to measure a change before it lands).
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from common import Figure, median, write_figures  # noqa: E402
 
 from tests.libvirt.conftest import (  # noqa: E402
     HOOK_PYTHON,
+    HOOKS_DIR,
     SYSTEM_QMP_DIR,
     SYSTEM_URI,
     Lab,
+    _copy_package,
     domain_xml,
     lab,  # noqa: F401  (a fixture)
     system_libvirtd,  # noqa: F401  (a fixture)
@@ -69,9 +73,31 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
+def _use_candidate(the_lab: Lab, tree: Path) -> None:
+    """Replace the harness's copy of the package with ``tree``'s and reinstall the hook from it
+    (the config it wrote stays: install-hook keeps what it is not given)."""
+    import shutil
+
+    for sub in ("hvcpolicy", "hooks"):
+        shutil.rmtree(the_lab.pkg / sub)
+    real = Path(__file__).resolve().parents[1]
+    try:
+        import tests.libvirt.conftest as harness
+
+        harness.REPO = tree  # _copy_package copies from the harness's REPO
+        _copy_package(the_lab.pkg)
+    finally:
+        harness.REPO = real
+    the_lab.hvcpolicy(
+        "install-hook", "--python", HOOK_PYTHON, "--hooks-dir", HOOKS_DIR, "--no-reload"
+    )
+
+
 def test_hvcpolicy_start_vs_virsh_start(lab: Lab, system_libvirtd: object) -> None:  # noqa: F811
     reps = int(os.environ.get("HVC_BENCH_REPS", "8"))
     out = Path(os.environ.get("HVC_BENCH_JSON", str(HERE / "out" / "libvirt.json")))
+    if os.environ.get("HVC_BENCH_PACKAGE"):
+        _use_candidate(lab, Path(os.environ["HVC_BENCH_PACKAGE"]).resolve())
     tag = os.urandom(3).hex()
     managed, plain = f"hvct-bench-{tag}", f"hvct-bench-plain-{tag}"
     sim_sock = str(lab.root / "sim" / f"{managed}.sock")

@@ -54,6 +54,12 @@ def run_part(
     return None
 
 
+LEGEND = (
+    "(medians; ratio = median / same-run baseline median; 'info' rows are measured for "
+    "comparison and have no target of their own: the target shown is the one its sibling row has)"
+)
+
+
 def libvirt_missing() -> str | None:
     if os.geteuid() != 0:
         return "not root (the system libvirtd and the hook need it)"
@@ -134,6 +140,7 @@ def main() -> int:
     print()
     print(info)
     print("\n".join(lines))
+    print(LEGEND)
     for s in skipped:
         print(s)
     for e in errors:
@@ -145,7 +152,9 @@ def main() -> int:
         else "PASS: every target holds" + (" (libvirt part skipped)" if skipped else "")
     )  # fmt: skip
     print(verdict)
-    (OUT / "results.md").write_text("\n".join([info, "", *lines, "", *skipped, verdict]) + "\n")
+    (OUT / "results.md").write_text(
+        "\n".join([info, "", *lines, "", LEGEND, *skipped, verdict]) + "\n"
+    )
     (OUT / "results.json").write_text(
         json.dumps(
             {"info": info, "figures": [f.to_json() for f in figures], "skipped": skipped,
