@@ -59,6 +59,7 @@ SCENARIOS = [
     ("truncated", ["truncated@qom-get"], 1, "a truncated reply"),
     ("oversized", ["oversized@qom-get"], 1, "a 16 MiB reply"),
     ("reorder", ["reorder@qom-get"], 1, "replies out of order"),
+    ("wrong-id", ["wrong-id@qom-get"], 1, "a reply with an id the client did not send"),
     ("resumed-elsewhere", ["resume@qom-set"], 1, "another monitor resumes before the write"),
     ("no-interface", ["no-interface"], 1, "QEMU without the interface (unsupported: refuse)"),
 ]
@@ -228,6 +229,21 @@ def test_the_control_run_succeeds(hook_site: Path) -> None:
         )
         assert hook.rc == 0, hook.stderr
         assert sims[1].status == "prelaunch" and sims[1].vm.get_all() != sims[1].fresh
+
+
+def test_apply_tolerates_a_stray_reply_and_still_gets_it_right() -> None:
+    """A reply to nobody (no or another id) is dropped by the client, not taken as an answer."""
+    from hvcpolicy.planner import plan_start
+    from hvcpolicy.policy import load_policy_file
+
+    with simulators(1, faults=["stray-reply@qom-set", "stray-reply@query-status"]) as [sim]:
+        run = hvcpolicy(
+            "apply", "--qmp", sim.path, "--policy", str(POLICY), "--timeout", str(TIMEOUT)
+        )
+        assert run.rc == 0, run.stderr
+        expected = plan_start(load_policy_file(str(POLICY)), sim.fresh, sim.fresh).target
+        assert sim.vm.get_all() == expected
+        assert sim.status == "prelaunch"
 
 
 def test_at_least_twelve_fault_scenarios() -> None:
