@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +13,12 @@ LAB = REPO / "lab"
 OUT = LAB / "build" / "out"
 FIXTURES = REPO / "tests" / "fixtures" / "lab"
 
-sys.path.insert(0, str(LAB))
-from build import KERNELS  # noqa: E402
+# lab/build.py's kernel list, loaded by path (lab/ is not a package, and "build" is a common name).
+_spec = importlib.util.spec_from_file_location("hvclab_build", LAB / "build.py")
+assert _spec is not None and _spec.loader is not None
+_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_build)
+KERNELS: tuple[tuple[str, str, str], ...] = _build.KERNELS
 
 LABELS = [k[0] for k in KERNELS]
 

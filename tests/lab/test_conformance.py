@@ -137,3 +137,4 @@ def test_every_access_before_vcpu_init_is_enoexec(lab: dict[str, LabKernel], lab
     cases = [c for c in data["cases"] if c["scenario"] == "uninitialized"]
     assert cases
     assert {c["errno"] for c in cases} == {"ENOEXEC"}
+    assert data["reg_list_uninitialized"] == "ENOEXEC"
