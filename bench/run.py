@@ -134,7 +134,8 @@ def main() -> int:
     info = (
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.node()}; "
         f"{os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}; hook rounds {hook_reps}, "
-        f"fleet rounds {fleet_reps}, libvirt rounds {libvirt_reps}"
+        f"fleet rounds {fleet_reps} over {hosts} hosts"
+        + (f", libvirt rounds {libvirt_reps}" if why is None else "")
         + ("; quick" if args.quick else "")
     )
     print()
