@@ -7,7 +7,9 @@ from typing import Any
 from tests.hardening.fuzzlib import FIGURES
 
 # Suites whose inputs are fuzzed inputs (the others count runs, scenarios or reads).
-FUZZ_SUITES = ("parsers/", "hypothesis/", "qmp-replies/", "cli/", "hook-input/", "hostile-xml")
+# The QMP-reply suites are listed but not added up: both QMP clients still have known bugs
+# there (strict xfails in test_fuzz_qmp.py, see docs/SECURITY.md T3).
+FUZZ_SUITES = ("parsers/", "hypothesis/", "cli/", "hook-input/", "hostile-xml")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -26,6 +28,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             total_tb += fig.tracebacks
             total_hang += fig.hangs
     tr.write_line(
-        f"{'TOTAL fuzzed':<34} inputs {total_in:>8}  tracebacks {total_tb:>3}  "
+        f"{'TOTAL fuzzed (parsers, CLI, hook)':<34} inputs {total_in:>8}  tracebacks {total_tb:>3}  "
         f"hangs {total_hang:>3}"
     )
