@@ -28,6 +28,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             total_tb += fig.tracebacks
             total_hang += fig.hangs
     tr.write_line(
-        f"{'TOTAL fuzzed (parsers, CLI, hook)':<34} inputs {total_in:>8}  tracebacks {total_tb:>3}  "
-        f"hangs {total_hang:>3}"
+        f"{'TOTAL fuzzed (parsers, CLI, hook)':<34} inputs {total_in:>8}  "
+        f"tracebacks {total_tb:>3}  hangs {total_hang:>3}"
     )
