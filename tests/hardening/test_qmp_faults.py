@@ -248,3 +248,18 @@ def test_apply_tolerates_a_stray_reply_and_still_gets_it_right() -> None:
 
 def test_at_least_twelve_fault_scenarios() -> None:
     assert len({s[0] for s in SCENARIOS}) >= 12
+
+
+def test_a_guest_that_ran_while_reporting_prelaunch_is_not_written() -> None:
+    """QEMU says prelaunch but a vCPU already ran (KVM_RUN): the first register written is a
+    bitmap, which KVM refuses (EBUSY), so nothing lands, PSCI_VERSION included."""
+    with simulators(2) as sims:
+        for sim in sims:
+            sim.vm.run()
+        run = hvcpolicy(
+            "apply", "--qmp", sims[0].path, "--policy", str(POLICY), "--resume",
+            "--timeout", str(TIMEOUT),
+        )  # fmt: skip
+        assert run.rc == 5 and "EBUSY" in _one_line(run.stderr), run.stderr
+        assert sims[0].vm.get_all() == sims[0].fresh
+        assert sims[0].status == "prelaunch"
