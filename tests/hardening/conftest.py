@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.hardening.fuzzlib import FIGURES
 
@@ -31,3 +38,16 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         f"{'TOTAL fuzzed (parsers, CLI, hook)':<34} inputs {total_in:>8}  "
         f"tracebacks {total_tb:>3}  hangs {total_hang:>3}"
     )
+
+
+@pytest.fixture
+def trusted_tmp() -> Iterator[Path]:
+    """A scratch directory that root's StrictModes checks accept (hvcpolicy.trust): under a
+    root-owned 0755 directory (/run), not /tmp (1777), when running as root."""
+    base = "/run" if os.geteuid() == 0 and os.access("/run", os.W_OK) else None
+    path = Path(tempfile.mkdtemp(prefix="hvcpolicy-test-", dir=base))
+    try:
+        path.chmod(0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
