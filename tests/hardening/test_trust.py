@@ -224,3 +224,59 @@ def test_a_missing_socket_is_left_to_the_callers_bounded_retry(qmp_dir: Path) ->
 def test_a_socket_path_must_be_absolute(path: str) -> None:
     with pytest.raises(InvalidInput, match="absolute"):
         trust.check_qmp_socket(path)
+
+
+# --- wired into the hook (tracking: the lead wires trust into policy loading and the QMP
+# connect; these strict xfails turn into failures once it is, and the markers go) -------------
+
+HOOK_XML = (
+    "<domain><name>d</name><uuid>6c1b7a1e-3f0c-4c52-9a51-1f6b0e1e0001</uuid><metadata>"
+    "<hvc:policy xmlns:hvc='https://hvcpolicy.dev/xmlns/libvirt/1' ref='fleet-2026'>{qmp}"
+    "</hvc:policy></metadata></domain>"
+)
+
+
+def _hook_conf(tree: Path) -> Path:
+    shutil.copy(
+        Path(__file__).resolve().parents[2] / "examples/hosts/neoverse-n1_linux-6.18.json",
+        tree.parent / "host.json",
+    )
+    conf = tree.parent / "hook.conf"
+    conf.write_text(f"policy_dir = {tree}\nhost_snapshot = {tree.parent}/host.json\n")
+    conf.chmod(0o644)
+    return conf
+
+
+def test_the_hook_loads_a_trusted_policy(tree: Path) -> None:
+    from tests.hardening.simthread import run_hook
+
+    run = run_hook(
+        str(_hook_conf(tree)), ["d", "prepare", "begin", "-"], HOOK_XML.format(qmp="").encode()
+    )
+    assert run.rc == 0, run.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="trust.check_policy_path is not called by load_policy yet")
+def test_the_hook_refuses_a_policy_root_cannot_trust(tree: Path) -> None:
+    from tests.hardening.simthread import run_hook
+
+    conf = _hook_conf(tree)
+    (tree / "fleet-2026.yaml").chmod(0o666)
+    run = run_hook(str(conf), ["d", "prepare", "begin", "-"], HOOK_XML.format(qmp="").encode())
+    assert run.rc == 1 and "not trusted" in run.stderr, run.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="trust.check_qmp_socket is not called by HookQMP yet")
+def test_the_hook_refuses_a_symlinked_qmp_socket(tree: Path) -> None:
+    from tests.hardening.simthread import run_hook, simulators
+    from tests.hardening.test_qmp_faults import domain_xml
+
+    conf = _hook_conf(tree)
+    (tree / "default.yaml").write_text(POLICY.replace("name: fleet-2026", "name: default"))
+    with simulators(1) as [sim]:
+        link = Path(sim.path).with_name("link.qmp")
+        link.symlink_to(sim.path)
+        # no metadata: the default policy applies and no recorder child is started
+        run = run_hook(str(conf), ["d", "started", "begin", "-"], domain_xml("d", str(link)))
+        assert run.rc == 1 and "symlink" in run.stderr, run.stderr
+        assert sim.vm.get_all() == sim.fresh
