@@ -130,3 +130,31 @@ def test_a_dripping_server_cannot_stretch_a_command_past_its_timeout(client: str
             fig.inputs += 1
             assert took < 3 * TIMEOUT + 1.0, f"{client}: a dripped greeting held it {took:.1f} s"
     assert_clean(f"qmp-replies/drip-{client}", fig)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hvcpolicy.qmp: qemu.qmp's AssertionError escapes connect() (exit 1, internal error) "
+    "and its reader logs a 38-line 'exception was never retrieved' traceback to stderr",
+)
+def test_apply_cli_stays_one_line_when_negotiation_is_garbled() -> None:
+    """Seeds whose replies garble the capabilities negotiation: as a real process, apply must
+    exit 5 with one stderr line."""
+    import subprocess
+    import sys
+
+    from tests.hardening.simthread import REPO
+
+    with hostile_qmp(drip_pause=0.04) as server:
+        for seed in (120, 168, 256):
+            server.script(seed)
+            done = subprocess.run(
+                [
+                    sys.executable, "-m", "hvcpolicy", "apply", "--qmp", server.path,
+                    "--policy", str(REPO / "examples/policies/fleet-2026.yaml"),
+                    "--timeout", str(TIMEOUT),
+                ],
+                capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+            )  # fmt: skip
+            assert done.returncode == 5, done.stderr[:300]
+            assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
