@@ -102,7 +102,7 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     hook_reps = args.reps or (3 if args.quick else 40)
     fleet_reps = 1 if args.quick else 5
-    libvirt_reps = 8
+    libvirt_reps = 12
     hosts = 2000 if args.quick else 10000
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     py = sys.executable
