@@ -71,7 +71,7 @@ def libvirt_missing() -> str | None:
 
 def fmt_value(value: float, unit: str) -> str:
     if unit == "ms":
-        return f"{value:.1f} ms"
+        return f"{value:.2f} ms"
     if unit == "s":
         return f"{value:.3f} s"
     return f"{value:.1f} {unit}"
