@@ -23,7 +23,7 @@ EXPECTED = {
     r"hook: started/prelaunch apply, 1 vCPU\(s\)": r"python3 -I -S -c pass",
     r"hook: started/prelaunch apply, 8 vCPU\(s\)": r"python3 -I -S -c pass",
     r"hook: started/prelaunch apply, 64 vCPU\(s\)": r"python3 -I -S -c pass",
-    r"hook peak RSS \(highest: [^)]+\)": r"python3 -I -S -c pass peak RSS",
+    r"hook peak RSS \(highest: .+\)": r"python3 -I -S -c pass peak RSS",
     r"baseline of \d+ snapshots": r"json\.load of the \d+ files",
     r"matrix of \d+ hosts": r"json\.load of the \d+ files",
 }
