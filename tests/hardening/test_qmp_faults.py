@@ -67,9 +67,6 @@ SCENARIOS = [
 # The hook's own small QMP client (hvcpolicy/hook.py HookQMP) lets these through; reported to
 # the hook's owner with the fix (issue 7 report). strict: the marker must go once fixed.
 HOOK_BUGS = {
-    "bad-greeting": "HookQMP ignores the greeting's content and carries on (exit 0)",
-    "oversized": "HookQMP accepts a 16 MiB reply, growing its buffer quadratically: exit 0 "
-    "after ~4.5 s with a 1 s timeout",
     "stray-reply": "HookQMP sends no id and takes a stray reply as the answer: internal "
     "error KeyError",
 }
