@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hvcpolicy import catalogue as cat
-from hvcpolicy.errors import InterfaceMissing, QMPError, Refused
+from hvcpolicy.errors import InterfaceMissing, QMPError, Refused, bounded
 from hvcpolicy.planner import FeatureView, Plan, plan_inmigrate, plan_start, verify
 from hvcpolicy.policy import Policy
 from hvcpolicy.qmp import DEFAULT_TIMEOUT, PROPERTY, QMP, VCPU, WRITABLE_RUNSTATES, Registers
@@ -236,6 +236,15 @@ async def _write_path(
     if dry_run:
         result.outcome = DRY_RUN
         return
+    if plan.writes:
+        # The runstate again, right before the write: another monitor may have run the guest
+        # since it was first read (docs/SECURITY.md T3); a guest that ran is never written.
+        now = await qmp.runstate()
+        if now != result.runstate:
+            raise QMPError(
+                f"{_where(qmp)}: the guest went from {result.runstate} to {bounded(now)} "
+                "before the write (another monitor?); nothing was written"
+            )
     # Registers are per VM: write through the first vCPU, read back through every vCPU.
     await qmp.write_registers(result.vcpus[0], plan.writes)
     result.written = dict(plan.writes)
@@ -293,6 +302,14 @@ async def _verify_path(
     )
 
 
+def _quiet(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's exception handler: stray background-task failures are logged at debug
+    level (visible with -v logging), never printed as tracebacks."""
+    import logging
+
+    logging.getLogger("hvcpolicy.qmp").debug("background: %s", context.get("message"))
+
+
 async def _enforce_at(
     address: str,
     policy: Policy,
@@ -302,6 +319,9 @@ async def _enforce_at(
     dry_run: bool,
     resume: bool,
 ) -> ApplyResult:
+    # qemu.qmp's background tasks may end with an exception nobody awaits (a server that
+    # garbles or hangs up): the failure is already reported as one line, never as a traceback.
+    asyncio.get_running_loop().set_exception_handler(_quiet)
     async with QMP(address, timeout) as qmp:
         return await enforce_async(
             qmp, policy, applied=applied, host=host, dry_run=dry_run, resume=resume

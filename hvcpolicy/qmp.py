@@ -114,8 +114,14 @@ class QMP:
         from qemu.qmp import QMPClient  # heavy: only when a connection is really opened
         from qemu.qmp import QMPError as LibError
 
-        client = QMPClient("hvcpolicy")
+        from hvcpolicy.trust import check_qmp_socket
+
         where = f"QMP socket {self.address}"
+        try:
+            check_qmp_socket(self.address)
+        except FileNotFoundError:
+            raise QMPError(f"{where}: cannot connect: No such file or directory") from None
+        client = QMPClient("hvcpolicy")
         try:
             await asyncio.wait_for(client.connect(self.address), self.timeout)
         except TimeoutError:
@@ -129,6 +135,17 @@ class QMP:
         except OSError as err:
             await self._abandon(client)
             raise QMPError(f"{where}: cannot connect: {_describe(err)}") from err
+        except AssertionError:
+            # qemu.qmp asserts its own state when the server garbles or hangs up during the
+            # negotiation; what its reader received is the reason (and retrieving it here keeps
+            # its "exception was never retrieved" traceback off stderr).
+            failure = _reader_failure(client)
+            await self._abandon(client)
+            raise QMPError(
+                f"{where}: cannot connect: QMP capabilities negotiation failed "
+                f"({_describe(failure) if failure is not None else 'the server hung up'})",
+                received=_received(failure),
+            ) from None
         self._client = client
 
     async def close(self) -> None:
@@ -192,13 +209,8 @@ class QMP:
 
     def _why_lost(self) -> str:
         """What ended the session, if the reader saw it (EOF, garbage from the server, ...)."""
-        client = self._client
-        tasks = getattr(client, "_bh_tasks", None) if client is not None else None
-        if isinstance(tasks, asyncio.Future) and tasks.done() and not tasks.cancelled():
-            exc = tasks.exception()
-            if exc is not None:
-                return f" ({_describe(exc)})"
-        return ""
+        exc = _reader_failure(self._client)
+        return f" ({_describe(exc)})" if exc is not None else ""
 
     # -- the §8 interface ------------------------------------------------------------------------
 
@@ -314,6 +326,24 @@ class QMP:
 
     async def resume(self) -> None:
         await self.command("cont")
+
+
+def _reader_failure(client: QMPClient | None) -> BaseException | None:
+    """The exception qemu.qmp's background reader/writer ended with, if any (retrieving it
+    marks it seen, so asyncio does not log it as never retrieved)."""
+    tasks = getattr(client, "_bh_tasks", None) if client is not None else None
+    if isinstance(tasks, asyncio.Future) and tasks.done() and not tasks.cancelled():
+        exc: BaseException | None = tasks.exception()
+        return exc
+    return None
+
+
+def _received(failure: BaseException | None) -> object:
+    """What the server sent that qemu.qmp could not take, for -v and logs."""
+    raw = getattr(failure, "raw", None)
+    if isinstance(raw, bytes):
+        return raw[:2000].decode("utf-8", "replace")
+    return _plain(getattr(failure, "msg", None))
 
 
 def _listing(items: Iterable[tuple[int, int]]) -> str:

@@ -63,23 +63,9 @@ def _checked(session: object) -> object:
 SERVER: object = None
 
 CASES = {"hook": (_hook_session, 150), "apply": (_apply_session, 300)}
-# Both clients still let some replies through as tracebacks or unbounded waits; reported to
-# their owners with the fix (issue 7 report). strict: these flip to failures once fixed, and
-# the marker goes.
-KNOWN = {
-    "hook": "HookQMP (hook.py): each recv, not each command, is bounded (a dripped reply holds "
-    "it for ever); no ids, so a stray or reordered reply is taken as the answer (KeyError, "
-    "TypeError on a non-dict reply); a 16 MiB reply is accepted with a quadratic buffer",
-    "apply": "hvcpolicy.qmp: qemu.qmp's connect() raises AssertionError when the server hangs "
-    "up during negotiation (escapes as internal error), and its reader task logs "
-    "'exception was never retrieved' tracebacks to stderr",
-}
 
 
-@pytest.mark.parametrize(
-    "client",
-    [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN[c])) for c in sorted(CASES)],
-)
+@pytest.mark.parametrize("client", sorted(CASES))
 def test_fuzz_qmp_replies(client: str) -> None:
     global SERVER
     session, count = CASES[client]
@@ -96,18 +82,7 @@ def test_fuzz_qmp_replies(client: str) -> None:
 SESSIONS = {"hook": _hook_session, "apply": _apply_session}
 
 
-@pytest.mark.parametrize(
-    "client",
-    [
-        "apply",
-        pytest.param(
-            "hook",
-            marks=pytest.mark.xfail(
-                strict=True, reason="HookQMP bounds each recv, not each command (hook.py)"
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("client", ["apply", "hook"])
 def test_a_dripping_server_cannot_stretch_a_command_past_its_timeout(client: str) -> None:
     """Slow loris: every few bytes arrive within the timeout, the whole reply never does. The
     timeout bounds the command, not each recv."""
@@ -132,11 +107,6 @@ def test_a_dripping_server_cannot_stretch_a_command_past_its_timeout(client: str
     assert_clean(f"qmp-replies/drip-{client}", fig)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hvcpolicy.qmp: qemu.qmp's AssertionError escapes connect() (exit 1, internal error) "
-    "and its reader logs a 38-line 'exception was never retrieved' traceback to stderr",
-)
 def test_apply_cli_stays_one_line_when_negotiation_is_garbled() -> None:
     """Seeds whose replies garble the capabilities negotiation: as a real process, apply must
     exit 5 with one stderr line."""
