@@ -38,8 +38,15 @@ def _inside(path: str, directory: str) -> bool:
 
 def check_tree(path: str, what: str, owner: int = 0) -> None:
     """``path`` (already resolved) and every directory above it: owned by ``owner`` (or root)
-    and writable by no group and no other user. InvalidInput names the first that is not."""
+    and writable by no group and no other user. InvalidInput names the first that is not.
+
+    One exception, for directories above ``path`` (never ``path`` itself): a sticky directory
+    that others may write (``/tmp``, 1777) is accepted when the next component down is owned
+    by root, since the sticky bit lets no one but root (and the entry's owner) rename, remove or
+    replace root's entry there."""
     current = path
+    below: os.stat_result | None = None  # the component under ``current``, once there is one
+    below_path = path
     while True:
         try:
             st = os.stat(current)
@@ -53,12 +60,26 @@ def check_tree(path: str, what: str, owner: int = 0) -> None:
                 f"(fix: chown root {bounded(current)})",
                 what,
             )
-        if st.st_mode & _WRITABLE_BY_OTHERS:
+        if st.st_mode & _WRITABLE_BY_OTHERS and not (
+            below is not None
+            and below.st_uid == 0
+            and stat.S_ISDIR(st.st_mode)
+            and st.st_mode & stat.S_ISVTX
+        ):
+            sticky = below is not None and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
             who = (
                 "group and others"
                 if st.st_mode & stat.S_IWOTH and st.st_mode & stat.S_IWGRP
                 else ("others" if st.st_mode & stat.S_IWOTH else "its group")
             )
+            if sticky:
+                child = below_path
+                raise InvalidInput(
+                    f"not trusted: {bounded(current)} is writable by {who} (mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}) and {bounded(child)} in it is not "
+                    f"root's (fix: chown root {bounded(child)})",
+                    what,
+                )
             raise InvalidInput(
                 f"not trusted: {bounded(current)} is writable by {who} "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}; fix: chmod go-w {bounded(current)})",
@@ -67,6 +88,7 @@ def check_tree(path: str, what: str, owner: int = 0) -> None:
         parent = os.path.dirname(current)
         if parent == current:
             return
+        below, below_path = st, current
         current = parent
 
 

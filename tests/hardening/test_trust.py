@@ -133,11 +133,49 @@ def test_a_ref_never_names_a_path(tree: Path, ref: str) -> None:
         trust.check_policy_path(path, str(tree), as_root=True)
 
 
-def test_tmp_is_not_a_trusted_place_for_policies() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "p.yaml").write_text(POLICY)
-        with pytest.raises(InvalidInput, match="writable by"):
+def _sticky_site(tree: Path, mode: int, child_owner: int) -> Path:
+    """<tree>/../shared (``mode``, e.g. 1777 like /tmp)/mine (0755, ``child_owner``)/p.yaml."""
+    shared = tree.parent / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    mine = shared / "mine"
+    mine.mkdir(mode=0o755)
+    (mine / "p.yaml").write_text(POLICY)
+    (mine / "p.yaml").chmod(0o644)
+    os.chown(mine, child_owner, child_owner)
+    return mine / "p.yaml"
+
+
+def test_a_sticky_directory_above_a_root_owned_entry_is_trusted(tree: Path) -> None:
+    """/tmp's case: others may write the sticky directory, but not rename, remove or replace
+    root's entry in it."""
+    path = _sticky_site(tree, 0o1777, 0)
+    assert trust.check_policy_path(str(path), None, as_root=True) == str(path)
+    # and the real /tmp, with a root-owned directory in it (CI's clone, pytest's tmp_path)
+    if os.stat("/tmp").st_uid == 0:
+        with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+            (Path(tmp) / "p.yaml").write_text(POLICY)
             trust.check_policy_path(str(Path(tmp) / "p.yaml"), tmp, as_root=True)
+
+
+def test_a_sticky_directory_above_an_entry_of_another_user_is_refused(tree: Path) -> None:
+    path = _sticky_site(tree, 0o1777, NOBODY)
+    with pytest.raises(InvalidInput, match="not trusted"):
+        trust.check_policy_path(str(path), None, as_root=True)
+
+
+def test_a_world_writable_directory_without_the_sticky_bit_is_refused(tree: Path) -> None:
+    """Without the sticky bit anyone may rename root's entry away and put their own there."""
+    path = _sticky_site(tree, 0o777, 0)
+    with pytest.raises(InvalidInput, match="shared is writable by group and others"):
+        trust.check_policy_path(str(path), None, as_root=True)
+
+
+def test_the_file_itself_is_never_excused_by_a_sticky_bit(tree: Path) -> None:
+    path = _sticky_site(tree, 0o1777, 0)
+    path.chmod(0o1666)
+    with pytest.raises(InvalidInput, match="writable by"):
+        trust.check_policy_path(str(path), None, as_root=True)
 
 
 def test_a_nul_in_a_path_is_refused() -> None:
@@ -256,7 +294,6 @@ def test_the_hook_loads_a_trusted_policy(tree: Path) -> None:
     assert run.rc == 0, run.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="trust.check_policy_path is not called by load_policy yet")
 def test_the_hook_refuses_a_policy_root_cannot_trust(tree: Path) -> None:
     from tests.hardening.simthread import run_hook
 
@@ -266,7 +303,6 @@ def test_the_hook_refuses_a_policy_root_cannot_trust(tree: Path) -> None:
     assert run.rc == 1 and "not trusted" in run.stderr, run.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="trust.check_qmp_socket is not called by HookQMP yet")
 def test_the_hook_refuses_a_symlinked_qmp_socket(tree: Path) -> None:
     from tests.hardening.simthread import run_hook, simulators
     from tests.hardening.test_qmp_faults import domain_xml
