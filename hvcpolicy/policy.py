@@ -366,10 +366,20 @@ def policy_path(ref: str, directory: str) -> str | None:
 
 
 def load_policy(ref: str, directory: str | None = None) -> Policy:
-    """``--policy``: a file path (anything with a slash or a policy extension) or a name."""
+    """``--policy``: a file path (anything with a slash or a policy extension) or a name.
+
+    As root, the file must be one only root could have written, and a name must resolve inside
+    the policy directory (``trust.check_policy_path``, docs/SECURITY.md T4/T5)."""
+    from hvcpolicy.trust import check_policy_path
+
+    as_root = os.geteuid() == 0
     if "/" in ref or ref.endswith(EXTENSIONS):
+        if as_root:
+            check_policy_path(ref, None, as_root=True)
         return load_policy_file(ref)
     path = policy_path(ref, policy_dir(directory))
     if path is None:
         raise InvalidInput(f"no policy named {ref!r} in {policy_dir(directory)}")
+    if as_root:
+        check_policy_path(path, policy_dir(directory), as_root=True)
     return load_policy_file(path)

@@ -74,6 +74,13 @@ def load_cached(ref: str, policy_dir: str, cache_dir: str | None) -> Policy | No
         return None
     if path is None:
         return None
+    if os.geteuid() == 0:
+        from hvcpolicy.trust import check_policy_path
+
+        try:  # a policy root cannot trust is a miss: the slow path refuses it, with the reason
+            check_policy_path(path, policy_dir, as_root=True)
+        except InvalidInput:
+            return None
     raw = _read_trusted(_entry_path(cache_dir, ref))
     source = _source(path)
     if raw is None or source is None:
