@@ -282,3 +282,46 @@ def test_unmanaged_domain_is_left_alone_even_by_python(env: Path) -> None:
         done = run_hook(env, stage, domain(None))
         assert done.returncode == 0 and done.stderr == ""
     assert not os.path.exists(env / "audit.log")
+
+
+def test_started_rides_out_stray_replies_and_still_writes_the_right_values(env: Path) -> None:
+    """Every HookQMP command carries its own id: a reply to nobody (another id) is skipped, not
+    taken as the answer (it was a KeyError, an internal error, before)."""
+    sock = str(env / "qmp.sock")
+    faults = ["--fault", "stray-reply@query-status", "--fault", "stray-reply@qom-get"]
+    with simulator_process(sock, "6.18", "--vcpus", "2", *faults):
+        done = run_hook(env, "started", domain("noptp", sock))
+        assert done.returncode == 0, done.stderr
+    line = next(x for x in audit(env) if "stage=started/prelaunch" in x)
+    assert "outcome=applied" in line
+    assert "0x6030000000160002=0x1" in line.split(" after=")[1]  # ptp denied, read back
+
+
+def test_started_refuses_a_socket_others_could_have_planted(env: Path) -> None:
+    """trust.check_qmp_socket before each connect: a socket in a directory others may write
+    (here sticky, as /tmp is) is not QEMU's for sure; the hook fails closed."""
+    shared = env / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    sock = str(shared / "qmp.sock")
+    with simulator_process(sock, "6.18"):
+        done = run_hook(env, "started", domain("open", sock))
+    assert done.returncode == 1 and "writable by others" in done.stderr, done.stderr
+
+
+def test_stdin_is_read_bounded(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook reads at most 8 MiB + 1 of stdin, never all of it, and refuses beyond."""
+
+    class Endless:
+        asked: list[int] = []
+
+        def read(self, n: int = -1) -> bytes:
+            self.asked.append(n)
+            assert 0 <= n <= (8 << 20) + 1, f"unbounded read({n})"
+            return b" " * n
+
+    monkeypatch.setattr(hookmod, "SYSTEM_CONF", str(env / "hook.conf"))
+    stdin = Endless()
+    assert hookmod.main(["g1", "prepare", "begin", "-"], stdin) == 1  # type: ignore[arg-type]
+    assert stdin.asked == [(8 << 20) + 1]
+    assert "larger than" in audit(env)[-1]
