@@ -269,16 +269,19 @@ def parse_feature(key: str, mode: str, problems: list[str]) -> tuple[FeatureKey,
     return (rid, None), Mode(mode)
 
 
+def _invalid(problems: list[str], where: str) -> InvalidInput:
+    """One error for many problems: the first in its message, all in ``.problems``."""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    err = InvalidInput(problems[0] + more, where)
+    err.problems = [f"{where}: {p}" for p in problems]
+    return err
+
+
 def parse_policy(doc: object, where: str, stem: str | None = None) -> Policy:
     """A decoded policy document -> Policy; InvalidInput lists every problem with its field."""
     problems = schema_problems(doc, "policy")
     if problems:
-        err = InvalidInput(
-            problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
-            where,
-        )
-        err.problems = [f"{where}: {p}" for p in problems]
-        raise err
+        raise _invalid(problems, where)
     assert isinstance(doc, dict)
     meta, spec = doc["metadata"], doc.get("spec", {})
     name: str = meta["name"]
@@ -311,12 +314,7 @@ def parse_policy(doc: object, where: str, stem: str | None = None) -> Policy:
     }
     enforcement = spec.get("enforcement", {})
     if problems:
-        err = InvalidInput(
-            problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
-            where,
-        )
-        err.problems = [f"{where}: {p}" for p in problems]
-        raise err
+        raise _invalid(problems, where)
     return Policy(
         name=name,
         description=meta.get("description", ""),
