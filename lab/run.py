@@ -3,6 +3,7 @@
 
     python3 lab/run.py                  # build if needed, then every phase on every kernel
     python3 lab/run.py --phase probe    # host probe + conformance + migration sources
+    python3 lab/run.py --phase alt-cpu  # probe + conformance again on a cortex-a72 (nVHE, WA 0/0/0)
     python3 lab/run.py --phase migrate  # each kernel as the destination of every saved state
     python3 lab/run.py --kernel 6.1.0-50-arm64 --phase probe
 
@@ -13,6 +14,7 @@ lab/build/jobs/ says what to run; results land in lab/build/out/<kernel release>
   save.json, state-<qemu>.bin   a KVM guest started with -S, migrated to a file, per QEMU
   load.json         every saved state loaded with -incoming on this kernel, and QEMU's verdict
   console-<phase>.log  the serial console
+  cpu-cortex-a72/   host.json and conformance.json again, the host CPU a cortex-a72
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ REPO = LAB.parent
 BUILD = LAB / "build"
 OUT = BUILD / "out"
 CPU = os.environ.get("HVCLAB_CPU", "neoverse-n1")
+# A second CPU for the conformance run: an ARMv8.0 core without VHE (KVM in nVHE mode) whose
+# mitigation levels are all 0 (NOT_AVAIL), where the N1's are 2/0/1.
+ALT_CPU = "cortex-a72"
 BOOT_TIMEOUT = 900
 
 JOB_HEAD = """set -u
@@ -47,6 +52,13 @@ python3 -m hvcpolicy host probe -o $O/host.json >$O/probe.out 2>&1; echo $? >$O/
 python3 lab/guest/conformance.py $O/conformance.json >$O/conformance.out 2>&1
 echo $? >$O/conformance.rc
 python3 lab/guest/migrate.py save $O >$O/save.out 2>&1; echo $? >$O/save.rc
+""",
+    "alt-cpu": f"""
+O=$O/cpu-{ALT_CPU}
+mkdir -p $O
+python3 -m hvcpolicy host probe -o $O/host.json >$O/probe.out 2>&1; echo $? >$O/probe.rc
+python3 lab/guest/conformance.py $O/conformance.json >$O/conformance.out 2>&1
+echo $? >$O/conformance.rc
 """,
     "migrate": """
 python3 lab/guest/migrate.py load lab/build/out $O >$O/load.out 2>&1; echo $? >$O/load.rc
@@ -70,16 +82,19 @@ def boot(release: str, phase: str) -> float:
     jobs.mkdir(exist_ok=True)
     job = jobs / f"{phase}.sh"
     job.write_text(JOB_HEAD + JOBS[phase])
-    for stale in (
-        (f"{phase}.rc",) if phase != "probe" else ("probe.rc", "conformance.rc", "save.rc")
-    ):
-        (out / stale).unlink(missing_ok=True)
+    stale = {
+        "probe": ("probe.rc", "conformance.rc", "save.rc"),
+        "alt-cpu": (f"cpu-{ALT_CPU}/probe.rc", f"cpu-{ALT_CPU}/conformance.rc"),
+        "migrate": ("load.rc",),
+    }[phase]
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
     cmd = [
         "qemu-system-aarch64",
         "-machine",
         "virt,virtualization=on,gic-version=3",
         "-cpu",
-        CPU,
+        ALT_CPU if phase == "alt-cpu" else CPU,
         "-smp",
         "2",
         "-m",
@@ -144,7 +159,7 @@ def up_to_date(digest: str) -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--phase", choices=("probe", "migrate", "all"), default="all")
+    ap.add_argument("--phase", choices=(*JOBS, "all"), default="all")
     ap.add_argument("--kernel", action="append", help="kernel release (default: every one)")
     ap.add_argument("--no-build", action="store_true", help="do not run lab/build.py first")
     ap.add_argument(
@@ -174,7 +189,7 @@ def locked(args: argparse.Namespace) -> int:
         if unknown:
             raise SystemExit(f"lab-run: not a lab kernel: {', '.join(sorted(unknown))}")
         releases = [r for r in releases if r in args.kernel]
-    phases = ("probe", "migrate") if args.phase == "all" else (args.phase,)
+    phases = tuple(JOBS) if args.phase == "all" else (args.phase,)
     timings: dict[str, dict[str, float]] = {}
     for phase in phases:
         for release in releases:

@@ -21,6 +21,11 @@ _spec.loader.exec_module(_build)
 KERNELS: tuple[tuple[str, str, str], ...] = _build.KERNELS
 
 LABELS = [k[0] for k in KERNELS]
+# The CPUs each kernel's conformance run is repeated on: the main one (neoverse-n1: VHE, WA
+# levels 2/0/1) and a cortex-a72 (nVHE, WA levels 0/0/0).
+CPUS = ("main", "cortex-a72")
+CASES = [(label, cpu) for label in LABELS for cpu in CPUS]
+CASE_IDS = [f"{label}-{cpu}" for label, cpu in CASES]
 
 
 @dataclass
@@ -34,6 +39,12 @@ class LabKernel:
         path = self.out / name
         assert path.exists(), f"{self.release}: the lab left no {path.relative_to(REPO)}"
         return json.loads(path.read_text())
+
+    def at_cpu(self, cpu: str) -> LabKernel:
+        """This kernel's answers on the lab's main CPU ("main") or on another (lab/run.py)."""
+        if cpu == "main":
+            return self
+        return LabKernel(self.label, self.release, self.out / f"cpu-{cpu}", self.info)
 
     def rc(self, name: str) -> int:
         path = self.out / f"{name}.rc"

@@ -13,7 +13,7 @@ import pytest
 
 from hvcpolicy import catalogue as cat
 from hvcpolicy import kernel
-from tests.lab.labdata import LABELS, LabKernel
+from tests.lab.labdata import CASE_IDS, CASES, LabKernel
 
 WAS = (cat.SMCCC_ARCH_WORKAROUND_1, cat.SMCCC_ARCH_WORKAROUND_2, cat.SMCCC_ARCH_WORKAROUND_3)
 
@@ -74,9 +74,9 @@ def disagreements(k: LabKernel) -> tuple[list[str], int]:
     return bad, len(data["cases"])
 
 
-@pytest.mark.parametrize("label", LABELS)
-def test_conformance_run_finished(lab: dict[str, LabKernel], label: str) -> None:
-    k = lab[label]
+@pytest.mark.parametrize(("label", "cpu"), CASES, ids=CASE_IDS)
+def test_conformance_run_finished(lab: dict[str, LabKernel], label: str, cpu: str) -> None:
+    k = lab[label].at_cpu(cpu)
     assert k.rc("conformance") == 0, (k.out / "conformance.out").read_text()[-2000:]
     data = k.read_json("conformance.json")
     assert data["kernel"] == k.release
@@ -84,19 +84,19 @@ def test_conformance_run_finished(lab: dict[str, LabKernel], label: str) -> None
     assert len(data["cases"]) > 500
 
 
-@pytest.mark.parametrize("label", LABELS)
-def test_model_agrees_with_real_kernel(lab: dict[str, LabKernel], label: str) -> None:
-    bad, total = disagreements(lab[label])
+@pytest.mark.parametrize(("label", "cpu"), CASES, ids=CASE_IDS)
+def test_model_agrees_with_real_kernel(lab: dict[str, LabKernel], label: str, cpu: str) -> None:
+    bad, total = disagreements(lab[label].at_cpu(cpu))
     assert not bad, (
-        f"{lab[label].release}: hvcpolicy.kernel disagrees with the real kernel on {len(bad)}"
-        f" of {total} cases:\n" + "\n".join(bad)
+        f"{lab[label].release} on {cpu}: hvcpolicy.kernel disagrees with the real kernel on"
+        f" {len(bad)} of {total} cases:\n" + "\n".join(bad)
     )
 
 
-@pytest.mark.parametrize("label", LABELS)
-def test_fresh_reads_match_registers_for(lab: dict[str, LabKernel], label: str) -> None:
+@pytest.mark.parametrize(("label", "cpu"), CASES, ids=CASE_IDS)
+def test_fresh_reads_match_registers_for(lab: dict[str, LabKernel], label: str, cpu: str) -> None:
     """kernel.registers_for / default_psci: what a kernel of this version lists, and reads."""
-    k = lab[label]
+    k = lab[label].at_cpu(cpu)
     data = k.read_json("conformance.json")
     fresh = {int(r, 16): int(v, 16) for r, v in data["fresh"].items()}
     version = kernel.parse_version(k.release)
@@ -115,25 +115,27 @@ def test_fresh_reads_match_registers_for(lab: dict[str, LabKernel], label: str) 
     assert kernel.default_psci(version) == fresh[cat.PSCI_VERSION]
 
 
-@pytest.mark.parametrize("label", LABELS)
-def test_vcpu_without_psci_0_2_reads_0_1(lab: dict[str, LabKernel], label: str) -> None:
-    data = lab[label].read_json("conformance.json")
+@pytest.mark.parametrize(("label", "cpu"), CASES, ids=CASE_IDS)
+def test_vcpu_without_psci_0_2_reads_0_1(lab: dict[str, LabKernel], label: str, cpu: str) -> None:
+    data = lab[label].at_cpu(cpu).read_json("conformance.json")
     assert data["fresh_no_psci_0_2"][cat.fmt_id(cat.PSCI_VERSION)] == "0x1"
     others = {r: v for r, v in data["fresh_no_psci_0_2"].items() if int(r, 16) != cat.PSCI_VERSION}
     assert others == {r: v for r, v in data["fresh"].items() if int(r, 16) != cat.PSCI_VERSION}
 
 
-@pytest.mark.parametrize("label", LABELS)
-def test_bitmaps_and_psci_are_per_vm(lab: dict[str, LabKernel], label: str) -> None:
-    data = lab[label].read_json("conformance.json")
+@pytest.mark.parametrize(("label", "cpu"), CASES, ids=CASE_IDS)
+def test_bitmaps_and_psci_are_per_vm(lab: dict[str, LabKernel], label: str, cpu: str) -> None:
+    data = lab[label].at_cpu(cpu).read_json("conformance.json")
     assert data["per_vm"], "no per-VM cases recorded"
     for case in data["per_vm"]:
         assert case["vcpu1"] == case["value"], f"{case}: vCPU 1 does not see vCPU 0's write"
 
 
-@pytest.mark.parametrize("label", LABELS)
-def test_every_access_before_vcpu_init_is_enoexec(lab: dict[str, LabKernel], label: str) -> None:
-    data = lab[label].read_json("conformance.json")
+@pytest.mark.parametrize(("label", "cpu"), CASES, ids=CASE_IDS)
+def test_every_access_before_vcpu_init_is_enoexec(
+    lab: dict[str, LabKernel], label: str, cpu: str
+) -> None:
+    data = lab[label].at_cpu(cpu).read_json("conformance.json")
     cases = [c for c in data["cases"] if c["scenario"] == "uninitialized"]
     assert cases
     assert {c["errno"] for c in cases} == {"ENOEXEC"}

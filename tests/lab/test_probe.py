@@ -16,7 +16,7 @@ import pytest
 from hvcpolicy import kvm
 from hvcpolicy.errors import KVMUnavailable
 from hvcpolicy.snapshot import load_snapshot
-from tests.lab.labdata import LABELS, REPO, LabKernel, fixture_path
+from tests.lab.labdata import CASE_IDS, CASES, LABELS, REPO, LabKernel, fixture_path
 
 
 def hvcpolicy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -83,9 +83,11 @@ def test_scratch_vm_closes_every_fd_even_on_error(monkeypatch: pytest.MonkeyPatc
             os.fstat(fd)
 
 
-@pytest.mark.parametrize("label", LABELS)
-def test_probe_in_lab_writes_valid_snapshot(lab: dict[str, LabKernel], label: str) -> None:
-    k = lab[label]
+@pytest.mark.parametrize(("label", "cpu"), CASES, ids=CASE_IDS)
+def test_probe_in_lab_writes_valid_snapshot(
+    lab: dict[str, LabKernel], label: str, cpu: str
+) -> None:
+    k = lab[label].at_cpu(cpu)
     assert k.rc("probe") == 0, (k.out / "probe.out").read_text()
     snap = load_snapshot(str(k.out / "host.json"))
     assert snap.source == "kvm"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from hvcpolicy import catalogue as cat
-from tests.lab.labdata import LABELS, LabKernel
+from tests.lab.labdata import CASE_IDS, CASES, LabKernel
 from tests.lab.test_conformance import describe, hexint
 
 WAS = (cat.SMCCC_ARCH_WORKAROUND_1, cat.SMCCC_ARCH_WORKAROUND_2, cat.SMCCC_ARCH_WORKAROUND_3)
@@ -37,11 +37,13 @@ def sim_answer(profile: Any, case: dict[str, Any]) -> tuple[str | None, int | No
     return None, vm.get(rid)
 
 
-@pytest.mark.parametrize("label", LABELS)
-def test_simulator_profile_agrees_with_real_kernel(lab: dict[str, LabKernel], label: str) -> None:
+@pytest.mark.parametrize(("label", "cpu"), CASES, ids=CASE_IDS)
+def test_simulator_profile_agrees_with_real_kernel(
+    lab: dict[str, LabKernel], label: str, cpu: str
+) -> None:
     from hvcpolicy.simulator.profiles import profile_for
 
-    k = lab[label]
+    k = lab[label].at_cpu(cpu)
     data = k.read_json("conformance.json")
     fresh = {int(r, 16): int(v, 16) for r, v in data["fresh"].items()}
     profile = profile_for(k.release, wa_levels={r: fresh[r] for r in WAS if r in fresh})
