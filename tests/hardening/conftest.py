@@ -14,9 +14,7 @@ import pytest
 from tests.hardening.fuzzlib import FIGURES
 
 # Suites whose inputs are fuzzed inputs (the others count runs, scenarios or reads).
-# The QMP-reply suites are listed but not added up: both QMP clients still have known bugs
-# there (strict xfails in test_fuzz_qmp.py, see docs/SECURITY.md T3).
-FUZZ_SUITES = ("parsers/", "hypothesis/", "cli/", "hook-input/", "hostile-xml")
+FUZZ_SUITES = ("parsers/", "hypothesis/", "cli/", "hook-input/", "hostile-xml", "qmp-replies/")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -35,7 +33,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             total_tb += fig.tracebacks
             total_hang += fig.hangs
     tr.write_line(
-        f"{'TOTAL fuzzed (parsers, CLI, hook)':<34} inputs {total_in:>8}  "
+        f"{'TOTAL fuzzed (parsers, CLI, hook, QMP)':<34} inputs {total_in:>8}  "
         f"tracebacks {total_tb:>3}  hangs {total_hang:>3}"
     )
 
