@@ -30,7 +30,7 @@ import sys
 if __name__ == "__main__":  # run as a file under -I -S: put the package's directory on sys.path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hvcpolicy.errors import HvcError, InvalidInput, Refused, Unavailable
+from hvcpolicy.errors import HvcError, InvalidInput, Refused, Unavailable, bounded
 
 TYPE_CHECKING = False  # typing costs more than the interpreter's start-up: checker-only names
 if TYPE_CHECKING:
@@ -370,6 +370,14 @@ def apply_prelaunch(
             plan.refusals,
         )
     if plan.writes:
+        # Again right before the write: another monitor may have run the guest since, and KVM
+        # would still take a PSCI_VERSION write then (it has no "already ran" check for it).
+        state = qmp.runstate()
+        if state != "prelaunch":
+            raise Unavailable(
+                f"hvcpolicy: {who}: the guest went from prelaunch to {bounded(state, 40)} before "
+                "the write (another monitor?); nothing was written"
+            )
         qmp.write(plan.writes)
     after = qmp.read_every_vcpu()
     diffs = verify(plan.target, after)
