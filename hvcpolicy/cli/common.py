@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,13 +42,16 @@ def read_xml_arg(arg: str) -> tuple[str, str]:
     return read_bounded(arg).decode("utf-8", errors="replace"), arg
 
 
-def subject_from_domain(domain: Domain, where: str, directory: str | None) -> Subject:
+def subject_from_domain(
+    domain: Domain, where: str, directory: str | None, load: Callable[..., Policy] = load_policy
+) -> Subject:
+    """The policy a domain runs under; ``load`` is ``load_policy`` or a cache in front of it."""
     if domain.meta is None:
         path = policy_path(DEFAULT_NAME, policy_dir(directory))
         if path is None:
             return Subject(None, domain, f"{where}: no hvcpolicy metadata and no 'default' policy")
-        return Subject(load_policy(path), domain)
-    operator = load_policy(domain.meta.ref, directory)
+        return Subject(load(path), domain)
+    operator = load(domain.meta.ref, directory)
     return Subject(merge(operator, domain.meta, where), domain)
 
 

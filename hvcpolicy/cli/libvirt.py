@@ -247,7 +247,10 @@ def cmd_start(args: argparse.Namespace) -> int:
             raise UsageError(f"domain {args.domain!r} is already running")
         where = f"domain {args.domain!r}"
         subject = subject_from_domain(
-            parse_domain(libvirt.domain_xml(dom, inactive=True), where), where, args.policy_dir
+            parse_domain(libvirt.domain_xml(dom, inactive=True), where),
+            where,
+            args.policy_dir,
+            load=_cached_loader(),
         )
         if subject.policy is None:
             raise InvalidInput(f"{subject.why_unmanaged}; run `hvcpolicy attach` first")
@@ -306,6 +309,20 @@ def _verify_applied(
     diffs = verify({rid: v for rid, v in target.items() if rid in live}, live)
     if diffs:
         raise Refused(f"{where} ran before hvcpolicy could apply: {'; '.join(diffs)}", diffs)
+
+
+def _cached_loader() -> Any:
+    """Policies from the hook's validated cache when it holds them exactly as their files are
+    now (the hook's own rules), else validated as before: no YAML or jsonschema on every start."""
+    from hvcpolicy import hook
+    from hvcpolicy.errors import HvcError
+    from hvcpolicy.policycache import load_policy_cached
+
+    try:
+        cache_dir: str | None = hook.load_config().cache_dir
+    except HvcError:
+        cache_dir = None
+    return lambda ref, directory=None: load_policy_cached(ref, directory, cache_dir)
 
 
 def _connect_qmp(sock: str, timeout: float) -> Any:
