@@ -95,7 +95,7 @@ def sh_hook(tmp_path: Path) -> Path:
     rec = tmp_path / "record.py"
     rec.write_text(
         "#!/bin/sh\n"
-        f'printf "%s\\n" "$*" > {tmp_path}/argv\n'
+        f'printf "%s\\n" "$@" > {tmp_path}/argv\n'
         f'printf "%s" "$HVC_XML_HEAD" > {tmp_path}/head\n'
         f"cat > {tmp_path}/rest\n"
     )
@@ -138,9 +138,10 @@ def test_sh_hands_python_the_whole_xml(sh_hook: Path, stage: str) -> None:
     xml = domain("fleet-2026")
     assert run_sh(sh_hook, stage, xml).returncode == 0
     d = sh_hook.parent
-    argv = (d / "argv").read_text().split()
-    assert argv[:3] == ["-I", "-S", "/usr/lib/python3/dist-packages/hvcpolicy/hook.py"]
-    assert argv[3:] == ["g1", stage, "begin", "-"]
+    argv = (d / "argv").read_text().splitlines()
+    assert argv[:3] == ["-I", "-S", "-c"]
+    assert "from hvcpolicy.hook import main" in argv[3]
+    assert argv[4:] == ["/usr/lib/python3/dist-packages", "g1", stage, "begin", "-"]
     head, rest = (d / "head").read_text(), (d / "rest").read_text()
     assert head and head + rest == xml  # the shell read only what it needed, byte-exact
 
