@@ -6,23 +6,30 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from hvcpolicy.domainxml import Domain, parse_domain
 from hvcpolicy.errors import InvalidInput, UsageError
 from hvcpolicy.merge import merge
 from hvcpolicy.policy import DEFAULT_NAME, Policy, load_policy, policy_dir, policy_path
+from hvcpolicy.record import Record
 from hvcpolicy.snapshot import MAX_FILE, read_bounded
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
-@dataclass
-class Subject:
+
+class Subject(Record):
     """The guest a command talks about: its policy (None: hvcpolicy leaves it alone)."""
 
-    policy: Policy | None
-    domain: Domain | None = None
-    why_unmanaged: str = ""
+    __slots__ = ("domain", "policy", "why_unmanaged")
+
+    def __init__(
+        self, policy: Policy | None, domain: Domain | None = None, why_unmanaged: str = ""
+    ) -> None:
+        self.policy = policy
+        self.domain = domain
+        self.why_unmanaged = why_unmanaged
 
 
 def add_subject_options(p: argparse.ArgumentParser, *, domain: bool = False) -> None:
