@@ -69,11 +69,17 @@ def psci_accepted(value: int, newest: int, psci_0_2: bool = True) -> bool:
 
 
 def bitmap_mask(rid: int, host_value: int) -> int:
-    """Supported mask of a bitmap. For a bitmap the catalogue does not know, only the bits the
-    host offers by default are known to be supported, so that is all the model vouches for."""
+    """Supported mask of a bitmap on a host whose fresh VM reads ``host_value``.
+
+    KVM resets STD_BMAP, STD_HYP_BMAP and VENDOR_HYP_BMAP to the very constant it checks writes
+    against, so a host's fresh read *is* its mask: a kernel built without a service rejects its
+    bit, and a newer kernel's extra bit is accepted. VENDOR_HYP_BMAP_2 resets to 0 below a mask
+    of 0x3. For a bitmap the catalogue does not know, only the bits the host offers by default
+    are known to be supported, so that is all the model vouches for.
+    """
     reg = cat.REGISTERS.get(rid)
-    if reg is not None and reg.mask is not None:
-        return reg.mask
+    if reg is not None and reg.mask is not None and reg.reset != reg.mask:
+        return reg.mask | host_value
     return host_value
 
 

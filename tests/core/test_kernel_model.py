@@ -160,3 +160,15 @@ def test_registers_by_kernel_version() -> None:
     assert registers_for((6, 15))[cat.VENDOR_HYP_BMAP_2] == 0
     assert cat.STD_BMAP not in registers_for((5, 18))
     assert registers_for((5, 19))[cat.VENDOR_HYP_BMAP] == 0x3
+
+
+def test_a_hosts_fresh_bitmap_read_is_its_mask() -> None:
+    """reset == mask for STD/STD_HYP/VENDOR_HYP: a host without PTP (VENDOR_HYP_BMAP 0x1) rejects
+    the PTP bit; a newer kernel offering bit 2 accepts it; BMAP_2 keeps its 0x3 mask."""
+    without_ptp = Host({**registers_for((6, 1)), cat.VENDOR_HYP_BMAP: 0x1})
+    assert without_ptp.check_set(cat.VENDOR_HYP_BMAP, 0x3) is Errno.EINVAL
+    assert without_ptp.check_set(cat.VENDOR_HYP_BMAP, 0x1) is None
+    newer = Host({**registers_for((6, 18)), cat.VENDOR_HYP_BMAP: 0x7})
+    assert newer.check_set(cat.VENDOR_HYP_BMAP, 0x7) is None
+    assert newer.check_set(cat.VENDOR_HYP_BMAP, 0xF) is Errno.EINVAL
+    assert Host(registers_for((6, 18))).check_set(cat.VENDOR_HYP_BMAP_2, 0x3) is None

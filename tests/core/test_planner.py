@@ -207,3 +207,12 @@ def test_migration_from_policy_and_source() -> None:
     assert ok.ok and ok.clears == [cat.VENDOR_HYP_BMAP_2]
     pol = check_migration(policy("fleet-2026"), host("neoverse-n1_linux-5.10"))
     assert not pol.ok and pol.basis == "policy"
+
+
+def test_refuse_an_applied_bit_the_destination_lacks() -> None:
+    dest = host("neoverse-n1_linux-6.1")
+    no_ptp = Snapshot(dest.host, dest.kernel, "kvm", {**dest.registers, cat.VENDOR_HYP_BMAP: 0x1})
+    carried = {**dest.registers, cat.VENDOR_HYP_BMAP: 0x3}
+    v = check_migration(None, no_ptp, carried)
+    assert not v.ok and "bits ptp are not supported there (EINVAL)" in v.reasons[0]
+    assert check_migration(None, no_ptp, {**carried, cat.VENDOR_HYP_BMAP: 0x1}).ok
