@@ -209,6 +209,33 @@ def test_migration_refused_for_an_applied_value_the_destination_kernel_rejects(
     assert g.state() == "running"
 
 
+def test_migration_refused_for_an_applied_bit_the_destination_lacks(
+    lab: Lab, guest_factory, session_libvirtd
+) -> None:
+    g = guest_factory("web")
+    lab.hvcpolicy("start", g.name, "--connect", SYSTEM_URI)
+    carried = applied_registers(g.live_xml())
+    # a bitmap the guest carries a bit of, on a destination kernel built without that service:
+    # its fresh read (which is its supported mask) lacks the bit, so loading the value fails
+    rid, value = next(
+        (r, int(carried[r], 16))
+        for r in ("0x6030000000160002", "0x6030000000160000", "0x6030000000160001")
+        if int(carried.get(r, "0x0"), 16)
+    )
+    doc = json.loads((HOSTS / "neoverse-n1_linux-6.18.json").read_text())
+    doc["host"] = "lab-destination-lacking-a-bit"
+    doc["registers"][rid] = hex(value & (value - 1))  # the lowest bit the guest carries, gone
+    (lab.session / "host.json").write_text(json.dumps(doc))
+    try:
+        done = _migrate(lab, g, guest_factory)
+    finally:
+        lab.set_host("session", "neoverse-n1_linux-6.18.json", "lab-destination")
+    assert done.returncode != 0
+    assert "the destination kernel would reject it" in done.stderr
+    assert "are not supported there (EINVAL)" in done.stderr
+    assert g.state() == "running"
+
+
 def test_migration_to_a_compatible_destination(lab: Lab, guest_factory, session_libvirtd) -> None:
     g = guest_factory("web")
     lab.hvcpolicy("start", g.name, "--connect", SYSTEM_URI)
