@@ -173,6 +173,9 @@ def _copy_package(dest: Path) -> None:
     )
     (dest / "hooks").mkdir()
     shutil.copy2(REPO / "hooks" / "qemu", dest / "hooks" / "qemu")
+    # byte-compiled, as a package install leaves it: a process that may not write bytecode
+    # (PYTHONDONTWRITEBYTECODE, or another user) would compile every module on every run
+    run([HOOK_PYTHON, "-m", "compileall", "-q", str(dest / "hvcpolicy")])
     for dirpath, _dirs, filenames in os.walk(dest):
         os.chmod(dirpath, 0o755)
         for name in filenames:
