@@ -49,6 +49,7 @@ DEFAULTS = {
     "cache_dir": "/var/cache/hvcpolicy",
     "qmp_timeout": "5",
     "audit_file": "",
+    "run_dir": "/run/hvcpolicy",
 }
 MAX_CONF = 64 << 10
 STAGES_HANDLED = ("prepare", "started", "migrate", "restore", "reconnect")
@@ -61,6 +62,7 @@ class Config:
         self.host_snapshot = values["host_snapshot"]
         self.cache_dir = values["cache_dir"]
         self.audit_file = values["audit_file"] or None
+        self.run_dir = values["run_dir"]
         try:
             self.qmp_timeout = float(values["qmp_timeout"])
         except ValueError:
@@ -392,8 +394,13 @@ def _apply_prelaunch(hook: Hook, policy: Policy, qmp: HookQMP) -> int:
     hook.log("applied", before=_regs(before), after=_regs(after))
     meta = hook.domain.meta
     if meta is not None:
-        qmp.close()  # before the fork: QEMU serves one QMP client at a time
-        _spawn_recorder(hook, after, meta.resume_after_apply)
+        qmp.close()  # before any fork: QEMU serves one QMP client at a time
+        element = _applied_element(hook, after)
+        from hvcpolicy import startlock
+
+        # `hvcpolicy start` drives this start: it records and resumes, and no virsh races it
+        if not startlock.hand_over(hook.conf.run_dir, hook.argv[0], after, element):
+            _spawn_recorder(hook, element, meta.resume_after_apply)
     return 0
 
 
@@ -731,10 +738,8 @@ class HookQMP:
 # --- the detached recorder ------------------------------------------------------------------
 
 
-def _spawn_recorder(hook: Hook, registers: Mapping[int, int], resume: bool) -> None:
-    """Fork a fully detached child (setsid, fds 0-2 on /dev/null, nothing else open) that, once
-    libvirt's start job ends, records ``<hvc:applied>`` in the live XML and, when asked, resumes.
-    It may call libvirt: it is no longer inside the hook, so it simply waits for the job."""
+def _applied_element(hook: Hook, registers: Mapping[int, int]) -> str:
+    """The domain's ``<hvc:policy>`` with ``<hvc:applied>``: what this host wrote, and when."""
     from hvcpolicy.domainxml import Applied, render_policy, with_applied
 
     meta = hook.domain.meta
@@ -748,7 +753,13 @@ def _spawn_recorder(hook: Hook, registers: Mapping[int, int], resume: bool) -> N
         at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         registers=dict(registers),
     )
-    element = render_policy(with_applied(meta, applied))
+    return render_policy(with_applied(meta, applied))
+
+
+def _spawn_recorder(hook: Hook, element: str, resume: bool) -> None:
+    """Fork a fully detached child (setsid, fds 0-2 on /dev/null, nothing else open) that, once
+    libvirt's start job ends, records ``element`` in the live XML and, when asked, resumes.
+    It may call libvirt: it is no longer inside the hook, so it simply waits for the job."""
     if os.fork():
         return  # the hook exits right after: the child is reparented, no zombie is left
     try:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import re
-import signal
 import sys
-from typing import Any
 
 from hvcpolicy import XMLNS
 from hvcpolicy.errors import EXIT_OK, InvalidInput, Unavailable, UsageError
+
+TYPE_CHECKING = False  # `start` is on a path libvirt users wait on: what it does not use, it
+if TYPE_CHECKING:  # does not import (contextlib, re, signal, typing are imported where used)
+    from typing import Any
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 DEFAULT_HOOKS_DIR = "/etc/libvirt/hooks"
@@ -93,6 +93,7 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", metavar="DIR")
     p.add_argument("--audit-file", metavar="FILE", help="also append audit lines here")
     p.add_argument("--qmp-timeout", metavar="SECONDS")
+    p.add_argument("--run-dir", metavar="DIR", help="where `hvcpolicy start` keeps its locks")
     p.add_argument("--pid-file", default=LIBVIRTD_PIDFILE, help="libvirtd's pid file to SIGHUP")
     p.add_argument("--no-reload", action="store_true", help="do not signal libvirtd")
     p.set_defaults(func=cmd_install_hook)
@@ -119,6 +120,7 @@ def _default_qmp_dir(uri: str) -> str:
 def _qemu_user() -> str | None:
     """The user the system daemon runs QEMU as: qemu.conf's ``user``, else the distro's."""
     import pwd
+    import re
 
     try:
         with open("/etc/libvirt/qemu.conf", encoding="utf-8", errors="replace") as f:
@@ -233,67 +235,152 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    import time
-
-    from hvcpolicy import hook, libvirt
+    from hvcpolicy import libvirt
     from hvcpolicy.cli.common import subject_from_domain
-    from hvcpolicy.domainxml import Applied, parse_domain, render_policy, with_applied
+    from hvcpolicy.domainxml import parse_domain
     from hvcpolicy.snapshot import DEFAULT_PATH, load_snapshot
 
+    conf = _hook_config()
     conn = libvirt.connect(args.connect)
     try:
         dom = libvirt.lookup(conn, args.domain)
         if libvirt.is_active(dom):
             raise UsageError(f"domain {args.domain!r} is already running")
         where = f"domain {args.domain!r}"
-        subject = subject_from_domain(
-            parse_domain(libvirt.domain_xml(dom, inactive=True), where),
-            where,
-            args.policy_dir,
-            load=_cached_loader(),
-        )
+        domain = parse_domain(libvirt.domain_xml(dom, inactive=True), where)
+        subject = subject_from_domain(domain, where, args.policy_dir, load=_cached_loader(conf))
         if subject.policy is None:
             raise InvalidInput(f"{subject.why_unmanaged}; run `hvcpolicy attach` first")
-        snap_path = args.host_snapshot or os.environ.get("HVCPOLICY_HOST_SNAPSHOT") or DEFAULT_PATH
+        snap_path = (
+            args.host_snapshot
+            or os.environ.get("HVCPOLICY_HOST_SNAPSHOT")
+            or (conf.host_snapshot if conf else DEFAULT_PATH)
+        )
         snap = load_snapshot(snap_path) if os.path.exists(snap_path) else None
-        libvirt.start_paused(dom)
+        lock = None
+        if snap is not None:
+            target = _check_host(subject.policy, snap, where)
+            if _same_inputs_as_hook(conf, args.policy_dir, snap_path):
+                from hvcpolicy.startlock import StartLock
+
+                assert conf is not None
+                lock = StartLock.acquire(conf.run_dir, args.domain)
+                if lock is not None:  # the hook's prepare will leave this check to us
+                    _audit_prepare(conf, domain, target)
         try:
-            live = parse_domain(libvirt.domain_xml(dom), where)
-            sock = live.qmp_socket
-            if not sock:
-                raise Unavailable(
-                    f"{where} has no QMP socket for hvcpolicy: run `hvcpolicy attach`"
-                )
-            with _connect_qmp(sock, args.timeout) as qmp:
-                state = qmp.runstate()
-                if state == "prelaunch":
-                    _, after = hook.apply_prelaunch(
-                        subject.policy, qmp, snap.registers if snap else None, where
-                    )
-                else:  # the hook applied, and its recorder resumed it already
-                    after = qmp.read_every_vcpu()
-                    _verify_applied(subject.policy, after, snap.registers if snap else None, where)
-            if live.meta is not None:
-                u = os.uname()
-                applied = Applied(
-                    host=snap.host if snap else u.nodename,
-                    kernel=snap.kernel if snap else u.release,
-                    at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    registers=after,
-                )
-                libvirt.set_policy_metadata(
-                    dom, render_policy(with_applied(live.meta, applied)), live=True
-                )
-            if libvirt.state(dom) == "paused":
-                libvirt.resume(dom)
-        except BaseException:
-            with contextlib.suppress(Unavailable):
-                libvirt.destroy(dom)
-            raise
+            _start(args, dom, subject.policy, snap, where, lock)
+        finally:
+            if lock is not None:
+                lock.release()
         sys.stdout.write(f"{args.domain}: started under policy {subject.policy.name!r}\n")
     finally:
         conn.close()
     return EXIT_OK
+
+
+def _start(
+    args: argparse.Namespace, dom: Any, policy: Any, snap: Any, where: str, lock: Any
+) -> None:
+    """Paused start, then (the hook's hand-over, else apply here) record, resume; on any
+    failure the domain is destroyed: it never ran."""
+    from hvcpolicy import libvirt
+
+    host = snap.registers if snap is not None else None
+    libvirt.start_paused(dom)
+    try:
+        handed = lock.handed_over() if lock is not None else None
+        if handed is not None:  # the hook applied and verified on every vCPU
+            after, element = handed
+            _verify_applied(policy, after, host, where)
+        else:
+            element = _apply_here(args, dom, policy, snap, where)
+        if element is not None:
+            libvirt.set_policy_metadata(dom, element, live=True)
+        if libvirt.state(dom) == "paused":
+            libvirt.resume(dom)
+    except BaseException:
+        import contextlib
+
+        with contextlib.suppress(Unavailable):  # gone already: what failed is the error
+            libvirt.destroy(dom)
+        raise
+
+
+def _apply_here(args: argparse.Namespace, dom: Any, policy: Any, snap: Any, where: str) -> Any:
+    """No hook handed anything over: apply over QMP here (or, when a hook already applied and
+    resumed, verify); -> the ``<hvc:policy>`` element to record, or None."""
+    import time
+
+    from hvcpolicy import hook, libvirt
+    from hvcpolicy.domainxml import Applied, parse_domain, render_policy, with_applied
+
+    host = snap.registers if snap is not None else None
+    live = parse_domain(libvirt.domain_xml(dom), where)
+    sock = live.qmp_socket
+    if not sock:
+        raise Unavailable(f"{where} has no QMP socket for hvcpolicy: run `hvcpolicy attach`")
+    with _connect_qmp(sock, args.timeout) as qmp:
+        if qmp.runstate() == "prelaunch":
+            _, after = hook.apply_prelaunch(policy, qmp, host, where)
+        else:  # the hook applied, and its recorder resumed it already
+            after = qmp.read_every_vcpu()
+            _verify_applied(policy, after, host, where)
+    if live.meta is None:
+        return None
+    u = os.uname()
+    applied = Applied(
+        host=snap.host if snap else u.nodename,
+        kernel=snap.kernel if snap else u.release,
+        at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        registers=after,
+    )
+    return render_policy(with_applied(live.meta, applied))
+
+
+def _check_host(policy: Any, snap: Any, where: str) -> dict[int, int]:
+    """The hook's prepare check, before anything starts: can this host run the policy?
+    -> what a guest started here would be left with."""
+    from hvcpolicy.errors import Refused
+    from hvcpolicy.planner import plan_start
+
+    plan = plan_start(policy, snap.registers)
+    if not plan.ok:
+        raise Refused(
+            f"{where} cannot start on this host ({snap.host}, kernel {snap.kernel}) under "
+            f"policy {policy.name!r}: " + "; ".join(plan.refusals),
+            plan.refusals,
+        )
+    return plan.target
+
+
+def _same_inputs_as_hook(conf: Any, policy_dir_arg: str | None, snap_path: str) -> bool:
+    """Only a check made from what the hook's prepare would read may stand in for it."""
+    from hvcpolicy.policy import policy_dir
+
+    if conf is None:
+        return False
+    hook_dir: str = conf.policy_dir
+    hook_snap: str = conf.host_snapshot
+    same = os.path.realpath(policy_dir(policy_dir_arg)) == os.path.realpath(hook_dir)
+    return same and os.path.realpath(snap_path) == os.path.realpath(hook_snap)
+
+
+def _audit_prepare(conf: Any, domain: Any, target: dict[int, int]) -> None:
+    """The line the hook's prepare would have logged, said by ``start`` that ran the check."""
+    from hvcpolicy import audit
+
+    audit.record(
+        {
+            "domain": domain.name,
+            "uuid": domain.uuid or "-",
+            "stage": "prepare",
+            "policy": domain.meta.ref if domain.meta is not None else "default",
+            "outcome": "allowed",
+            "after": audit.regs_text(target),
+            "by": "start",
+        },
+        conf.audit_file,
+    )
 
 
 def _verify_applied(
@@ -311,17 +398,23 @@ def _verify_applied(
         raise Refused(f"{where} ran before hvcpolicy could apply: {'; '.join(diffs)}", diffs)
 
 
-def _cached_loader() -> Any:
-    """Policies from the hook's validated cache when it holds them exactly as their files are
-    now (the hook's own rules), else validated as before: no YAML or jsonschema on every start."""
+def _hook_config() -> Any:
+    """The hook's config (its cache, policy dir, snapshot, run dir), None when unreadable."""
     from hvcpolicy import hook
     from hvcpolicy.errors import HvcError
-    from hvcpolicy.policycache import load_policy_cached
 
     try:
-        cache_dir: str | None = hook.load_config().cache_dir
+        return hook.load_config()
     except HvcError:
-        cache_dir = None
+        return None
+
+
+def _cached_loader(conf: Any) -> Any:
+    """Policies from the hook's validated cache when it holds them exactly as their files are
+    now (the hook's own rules), else validated as before: no YAML or jsonschema on every start."""
+    from hvcpolicy.policycache import load_policy_cached
+
+    cache_dir = conf.cache_dir if conf is not None else None
     return lambda ref, directory=None: load_policy_cached(ref, directory, cache_dir)
 
 
@@ -351,8 +444,17 @@ def _sh_quote(value: str) -> str:
     return "'" + value.replace("'", "'\\''") + "'"
 
 
-def render_hook(template: str, python: str, pkgparent: str, policy_dir: str) -> str:
-    settings = {"HVC_PYTHON": python, "HVC_PKGDIR": pkgparent, "HVC_POLICY_DIR": policy_dir}
+def render_hook(
+    template: str, python: str, pkgparent: str, policy_dir: str, run_dir: str = "/run/hvcpolicy"
+) -> str:
+    import re
+
+    settings = {
+        "HVC_PYTHON": python,
+        "HVC_PKGDIR": pkgparent,
+        "HVC_POLICY_DIR": policy_dir,
+        "HVC_RUN_DIR": run_dir,
+    }
     out = template
     for key, value in settings.items():
         out, n = re.subn(rf"^{key}=.*$", f"{key}={_sh_quote(value)}", out, count=1, flags=re.M)
@@ -425,6 +527,8 @@ def reload_libvirtd(pid_file: str) -> str:
         return f"libvirtd ({pid_file}: {pid}) is not running: it finds the hook when it starts"
     if comm not in ("libvirtd", "virtqemud"):
         return f"{pid_file} names pid {pid} ({comm}), not libvirtd: not signalled"
+    import signal
+
     os.kill(pid, signal.SIGHUP)
     return f"{comm} (pid {pid}) reloaded"
 
@@ -445,12 +549,15 @@ def cmd_install_hook(args: argparse.Namespace) -> int:
             "cache_dir": args.cache_dir,
             "audit_file": args.audit_file,
             "qmp_timeout": args.qmp_timeout,
+            "run_dir": args.run_dir,
         },
     )
     hook.load_config(conf_path)  # what the hook will read must parse and be trusted
     os.makedirs(values["cache_dir"], mode=0o755, exist_ok=True)
     cached = refresh_policy_cache(values["policy_dir"], values["cache_dir"])
-    script = render_hook(_template(pkgparent), python, pkgparent, values["policy_dir"])
+    script = render_hook(
+        _template(pkgparent), python, pkgparent, values["policy_dir"], values["run_dir"]
+    )
     target = os.path.join(args.hooks_dir, "qemu.d", HOOK_NAME)
     _write_atomic(target, script, 0o755)
     out = [f"installed {target} (python {python}, package {pkgparent})", f"config {conf_path}"]

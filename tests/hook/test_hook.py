@@ -326,3 +326,80 @@ def test_stdin_is_read_bounded(env: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert hookmod.main(["g1", "prepare", "begin", "-"], stdin) == 1  # type: ignore[arg-type]
     assert stdin.asked == [(8 << 20) + 1]
     assert "larger than" in audit(env)[-1]
+
+
+# --- the start lock (hvcpolicy/startlock.py): `hvcpolicy start` and the hook share one start ----
+
+
+def _hold(path: Path) -> int:
+    """Hold ``path``'s flock as ``hvcpolicy start`` does (the caller closes the fd)."""
+    import fcntl
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_sh_prepare_leaves_a_held_start_lock_to_start(sh_hook: Path) -> None:
+    text = sh_hook.read_text().replace(
+        "HVC_RUN_DIR=/run/hvcpolicy", f"HVC_RUN_DIR={sh_hook.parent / 'run'}"
+    )
+    sh_hook.write_text(text)
+    lock = sh_hook.parent / "run" / "start" / "g1"
+    fd = _hold(lock)
+    try:
+        assert run_sh(sh_hook, "prepare", domain("fleet-2026")).returncode == 0
+        assert not (sh_hook.parent / "argv").exists()  # start checked: no Python
+        assert run_sh(sh_hook, "started", domain("fleet-2026")).returncode == 0
+        assert (sh_hook.parent / "argv").exists()  # started always enforces
+    finally:
+        os.close(fd)
+    (sh_hook.parent / "argv").unlink()
+    # the lock died with its holder: prepare checks again
+    assert run_sh(sh_hook, "prepare", domain("fleet-2026")).returncode == 0
+    assert (sh_hook.parent / "argv").exists()
+
+
+def _with_run_dir(env: Path) -> Path:
+    conf = env / "hook.conf"
+    conf.write_text(conf.read_text() + f"run_dir = {env / 'run'}\n")
+    return env / "run" / "start" / "g1"
+
+
+def _recorder_lines(env: Path) -> list[str]:
+    return [x for x in audit(env) if "stage=started/recorder" in x]
+
+
+def test_started_hands_what_it_applied_to_a_start_holding_the_lock(env: Path) -> None:
+    import time
+
+    lock = _with_run_dir(env)
+    sock = str(env / "qmp.sock")
+    fd = _hold(lock)
+    try:
+        with simulator_process(sock, "6.18", "--vcpus", "2"):
+            done = run_hook(env, "started", domain("noptp", sock))
+            assert done.returncode == 0, done.stderr
+        handed = json.loads(os.pread(fd, 1 << 20, 0))
+    finally:
+        os.close(fd)
+    assert handed["registers"][str(0x6030000000160002)] == 0x1  # ptp denied, as written
+    assert handed["element"].startswith("<hvc:policy ") and "<hvc:applied " in handed["element"]
+    time.sleep(1.5)  # a recorder, had one been forked, logs within this (see the test below)
+    assert _recorder_lines(env) == []
+
+
+def test_started_forks_its_recorder_when_no_start_holds_the_lock(env: Path) -> None:
+    import time
+
+    lock = _with_run_dir(env)
+    sock = str(env / "qmp.sock")
+    os.close(_hold(lock))  # a start that is gone left its file behind
+    with simulator_process(sock, "6.18", "--vcpus", "2"):
+        assert run_hook(env, "started", domain("noptp", sock)).returncode == 0
+    deadline = time.monotonic() + 30
+    while not _recorder_lines(env) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _recorder_lines(env), audit(env)  # no libvirtd here: it logs record-failed
+    assert lock.read_bytes() == b""  # and nothing was handed to the dead start

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from typing import Any
@@ -46,6 +47,22 @@ def test_hvcpolicy_start_applies_while_prelaunch(lab: Lab, guest_factory) -> Non
     assert lines and "outcome=applied" in lines[0], lab.audit()
     assert f"{VENDOR_HYP_BMAP}=0x1" in lines[0].split(" after=")[1]
     assert applied_registers(g.live_xml())[VENDOR_HYP_BMAP] == "0x1"
+    # start ran the host check itself and held its lock: the hook's prepare left it to start,
+    # and the hook handed what it applied to start instead of forking its recorder
+    prepare = audit_for(lab, g, "prepare")
+    assert len(prepare) == 1 and "outcome=allowed" in prepare[0] and "by=start" in prepare[0]
+    time.sleep(1)
+    assert audit_for(lab, g, "started/recorder") == []
+    assert not os.path.exists(f"/run/hvcpolicy/start/{g.name}")
+
+
+def test_hvcpolicy_start_refuses_before_anything_starts(lab: Lab, guest_factory) -> None:
+    g = guest_factory("needs-future")
+    done = lab.hvcpolicy("start", g.name, "--connect", SYSTEM_URI, check=False)
+    assert done.returncode == 3, done.stderr
+    assert "cannot start on this host" in done.stderr
+    assert g.state() == "shut off"
+    assert audit_for(lab, g, "prepare") == []  # refused before libvirt ran any stage
 
 
 def test_hvcpolicy_start_with_resume_after_apply_in_the_domain_too(lab: Lab, guest_factory) -> None:
