@@ -1,5 +1,3 @@
-import sys
+from hvcpolicy.cli.main import run
 
-from hvcpolicy.cli.main import main
-
-sys.exit(main())
+run()

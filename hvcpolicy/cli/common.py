@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 
@@ -78,6 +77,8 @@ def resolve_subject(args: argparse.Namespace) -> Subject:
 
 
 def emit_json(doc: Any) -> None:
+    import json
+
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
