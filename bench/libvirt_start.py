@@ -73,6 +73,26 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
+def _console_script(the_lab: Lab) -> Path:
+    """``hvcpolicy`` as a Debian host installs it: the launcher that Python packaging tools write
+    for the ``[project.scripts]`` entry, on /usr/bin/python3 (the package on its path)."""
+    import tomllib
+
+    entry = tomllib.loads((HERE.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    module, func = entry["hvcpolicy"].split(":")
+    path = the_lab.root / "bin" / "hvcpolicy"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(
+        f"#!{HOOK_PYTHON}\n# -*- coding: utf-8 -*-\nimport re\nimport sys\n"
+        f"from {module} import {func}\n"
+        "if __name__ == '__main__':\n"
+        "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+        f"    sys.exit({func}())\n"
+    )
+    path.chmod(0o755)
+    return path
+
+
 def _use_candidate(the_lab: Lab, tree: Path) -> None:
     """Replace the harness's copy of the package with ``tree``'s and reinstall the hook from it
     (the config it wrote stays: install-hook keeps what it is not given)."""
@@ -106,8 +126,7 @@ def test_hvcpolicy_start_vs_virsh_start(lab: Lab, system_libvirtd: object) -> No
         xml.write_text(domain_xml(name, policy, f"{SYSTEM_QMP_DIR}/{name}.qmp", sim_sock))
         virsh(SYSTEM_URI, "define", str(xml))
     env = lab.env()
-    # the CLI as a Debian host installs it: /usr/bin/python3, the package on its path
-    hvc_cmd = [HOOK_PYTHON, "-m", "hvcpolicy", "start", managed, "--connect", SYSTEM_URI]
+    hvc_cmd = [str(_console_script(lab)), "start", managed, "--connect", SYSTEM_URI]
     virsh_cmd = ["virsh", "-q", "-c", SYSTEM_URI, "start", plain]
     times: dict[str, list[float]] = {"hvcpolicy": [], "virsh": []}
     rng = random.Random(7)
