@@ -19,6 +19,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
+from typing import Self
 
 from hvcpolicy import catalogue as cat
 from hvcpolicy.errors import KVMUnavailable
@@ -162,7 +163,25 @@ class Vcpu:
         return reason
 
 
-class VM:
+class _Closing:
+    """A context manager that calls ``close()`` on the way out."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class VM(_Closing):
     """A scratch VM. Use as a context manager: closes every vCPU fd, the VM fd and guest memory."""
 
     def __init__(self, kvm_fd: int) -> None:
@@ -206,19 +225,8 @@ class VM:
             self._mem.close()
             self._mem = None
 
-    def __enter__(self) -> VM:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class KVM:
+class KVM(_Closing):
     """/dev/kvm. ``with KVM() as kvm, kvm.vm() as vm: vm.vcpu().get(...)``."""
 
     def __init__(self, path: str = DEV_KVM) -> None:
@@ -237,17 +245,6 @@ class KVM:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self) -> KVM:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 @contextmanager
