@@ -11,6 +11,7 @@ from hvcpolicy.record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
     from enum import Enum
 else:  # enum costs the hook more than the interpreter's start-up (hvcpolicy/lean.py)
     from hvcpolicy.lean import Enum
@@ -209,6 +210,31 @@ def parse_regid(text: str) -> int | None:
     if value is None or not is_firmware_reg(value):
         return None
     return value
+
+
+def parse_register_map(
+    pairs: Iterable[tuple[object, object]], where: str, ids: str, field: Callable[[str], str]
+) -> dict[int, int]:
+    """Register id -> value pairs as files write them (``0x`` hex strings) -> ints. Errors name
+    ``ids`` for a bad id, else ``field(id)``: a bad value, or an id listed twice."""
+    from hvcpolicy.errors import InvalidInput, bounded
+
+    registers: dict[int, int] = {}
+    for key, value in pairs:
+        rid = parse_regid(key) if isinstance(key, str) else None
+        if rid is None:
+            raise InvalidInput(
+                f"{ids}: {bounded(str(key), 40)!r} is not a firmware register id "
+                "(0x + 16 hex digits, coproc 0x14 or 0x16)",
+                where,
+            )
+        val = parse_hex(value) if isinstance(value, str) else None
+        if val is None:
+            raise InvalidInput(f"{field(fmt_id(rid))}: value must be a 0x-hex u64 string", where)
+        if rid in registers:
+            raise InvalidInput(f"{field(fmt_id(rid))}: listed twice", where)
+        registers[rid] = val
+    return registers
 
 
 def bit_key(rid: int, bit: int) -> str:

@@ -337,23 +337,12 @@ def _build_policy(h: _Handler, where: str) -> DomainPolicy:
 
 
 def _build_applied(attrs: dict[str, str], regs: list[dict[str, str]], where: str) -> Applied:
-    registers: dict[int, int] = {}
-    for reg in regs:
-        rid_text = _attr(reg, "id", "register", where)
-        rid = cat.parse_regid(rid_text)
-        if rid is None:
-            raise InvalidInput(
-                f"<hvc:register id>: {bounded(rid_text, 40)!r} is not a firmware register id",
-                where,
-            )
-        value = cat.parse_hex(_attr(reg, "value", "register", where))
-        if value is None:
-            raise InvalidInput(
-                f"<hvc:register id={cat.fmt_id(rid)!r}>: value must be a 0x-hex u64", where
-            )
-        if rid in registers:
-            raise InvalidInput(f"<hvc:register id={cat.fmt_id(rid)!r}>: listed twice", where)
-        registers[rid] = value
+    pairs = [
+        (_attr(r, "id", "register", where), _attr(r, "value", "register", where)) for r in regs
+    ]
+    registers = cat.parse_register_map(
+        pairs, where, "<hvc:register id>", lambda rid: f"<hvc:register id={rid!r}>"
+    )
     return Applied(
         host=attrs.get("host", ""),
         kernel=attrs.get("kernel", ""),

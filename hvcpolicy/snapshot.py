@@ -106,23 +106,9 @@ def parse_snapshot(doc: object, where: str) -> Snapshot:
     regs = doc.get("registers")
     if not isinstance(regs, dict):
         raise InvalidInput("registers: must be an object of register id -> value", where)
-    registers: dict[int, int] = {}
-    for key, value in regs.items():
-        rid = cat.parse_regid(key)
-        if rid is None:
-            raise InvalidInput(
-                f"registers: {bounded(str(key), 40)!r} is not a firmware register id "
-                "(0x + 16 hex digits, coproc 0x14 or 0x16)",
-                where,
-            )
-        val = cat.parse_hex(value) if isinstance(value, str) else None
-        if val is None:
-            raise InvalidInput(
-                f"registers.{cat.fmt_id(rid)}: value must be a 0x-hex u64 string", where
-            )
-        if rid in registers:
-            raise InvalidInput(f"registers.{cat.fmt_id(rid)}: listed twice", where)
-        registers[rid] = val
+    registers = cat.parse_register_map(
+        regs.items(), where, "registers", lambda rid: f"registers.{rid}"
+    )
     return Snapshot(
         host=text["host"],
         kernel=text["kernel"],
