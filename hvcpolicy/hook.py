@@ -399,7 +399,7 @@ def _apply_prelaunch(hook: Hook, policy: Policy, qmp: HookQMP) -> int:
         from hvcpolicy import startlock
 
         # `hvcpolicy start` drives this start: it records and resumes, and no virsh races it
-        if not startlock.hand_over(hook.conf.run_dir, hook.argv[0], after, element):
+        if not startlock.hand_over(hook.conf.run_dir, hook.argv[0], before, after, element):
             _spawn_recorder(hook, element, meta.resume_after_apply)
     return 0
 

@@ -6,8 +6,9 @@ While ``hvcpolicy start DOMAIN`` drives a start, it holds an exclusive ``flock``
 - ``prepare``: ``start`` has just run the same host check against the same snapshot and policy
   directory, so the sh pre-filter exits without starting Python (``started`` still enforces).
 - ``started``, runstate ``prelaunch``: after writing and verifying, the hook hands what the guest
-  now holds to ``start`` through the file, instead of forking its recorder. ``start`` checks it
-  against its own plan, records ``<hvc:applied>`` and resumes, with no ``virsh`` racing its calls.
+  now holds (and held before the write) to ``start`` through the file, instead of forking its
+  recorder. ``start`` plans again from the same values, checks the hook's read-back against that,
+  records ``<hvc:applied>`` and resumes, with no ``virsh`` racing its calls.
 
 A lock that nobody holds (its ``start`` is gone: the lock died with it) is ignored, so is a file or
 directory that this user does not own or that others can write: the hook then does what it does
@@ -20,6 +21,7 @@ import os
 import stat
 
 from hvcpolicy.errors import InvalidInput, UsageError
+from hvcpolicy.record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -49,6 +51,29 @@ def _trusted_dir(path: str) -> bool:
     except OSError:
         return False
     return stat.S_ISDIR(st.st_mode) and _trusted(st)
+
+
+class HandOver(Record):
+    """What the hook's ``started`` stage gives ``start``: the guest's registers before its write
+    and on every vCPU after it, and the ``<hvc:policy>`` element that records them."""
+
+    __slots__ = ("after", "before", "element")
+
+    def __init__(self, before: dict[int, int], after: dict[int, int], element: str) -> None:
+        self.before = before
+        self.after = after
+        self.element = element
+
+
+def _registers(doc: object, field: str, where: str) -> dict[int, int]:
+    if not isinstance(doc, dict):
+        raise InvalidInput(f"{field}: expected an object of register id -> value", where)
+    out: dict[int, int] = {}
+    for key, value in doc.items():
+        if not key.isdigit() or type(value) is not int or value < 0:
+            raise InvalidInput(f"{field}: {key!r}: expected a register id and a value", where)
+        out[int(key)] = value
+    return out
 
 
 class StartLock:
@@ -97,8 +122,8 @@ class StartLock:
         os.ftruncate(fd, 0)  # whatever a start before this one was handed
         return cls(path, fd, name)
 
-    def handed_over(self) -> tuple[dict[int, int], str] | None:
-        """What the hook applied and verified, and the ``<hvc:policy>`` element recording it;
+    def handed_over(self) -> HandOver | None:
+        """What the hook read, wrote and verified, and the ``<hvc:policy>`` element recording it;
         None when no hook handed anything over (no hook installed, or one without the lock)."""
         data = os.pread(self.fd, MAX_HANDOVER + 1, 0)
         if not data:
@@ -112,16 +137,13 @@ class StartLock:
             doc = json_loads(data.decode("utf-8"))
         except ValueError as err:
             raise InvalidInput(f"not JSON: {err}", where) from None
-        registers = doc.get("registers") if isinstance(doc, dict) else None
-        element = doc.get("element") if isinstance(doc, dict) else None
-        if not isinstance(registers, dict) or not isinstance(element, str):
-            raise InvalidInput("expected an object with 'registers' and 'element'", where)
-        out: dict[int, int] = {}
-        for key, value in registers.items():
-            if not key.isdigit() or type(value) is not int or value < 0:
-                raise InvalidInput(f"register {key!r}: expected a register id and a value", where)
-            out[int(key)] = value
-        return out, element
+        if not isinstance(doc, dict) or not isinstance(doc.get("element"), str):
+            raise InvalidInput("expected an object with 'before', 'after' and 'element'", where)
+        return HandOver(
+            _registers(doc.get("before"), "before", where),
+            _registers(doc.get("after"), "after", where),
+            doc["element"],
+        )
 
     def release(self) -> None:
         """Remove the file (when it is still ours) and drop the lock."""
@@ -141,8 +163,11 @@ class StartLock:
         self.release()
 
 
-def hand_over(run_dir: str, name: str, registers: Mapping[int, int], element: str) -> bool:
-    """The hook's side, in ``started``/``prelaunch``: give ``start`` what the guest holds.
+def hand_over(
+    run_dir: str, name: str, before: Mapping[int, int], after: Mapping[int, int], element: str
+) -> bool:
+    """The hook's side, in ``started``/``prelaunch``: give ``start`` what the guest held before
+    the write and holds now.
     True: a live ``start`` holds the lock and has it; False: nobody to hand to."""
     path = lock_path(run_dir, name)
     if path is None or not _trusted_dir(os.path.dirname(path)):
@@ -165,9 +190,12 @@ def hand_over(run_dir: str, name: str, registers: Mapping[int, int], element: st
             return False  # nobody holds it: a start that is gone
         from hvcpolicy.lean import json_dumps
 
-        payload = json_dumps(
-            {"registers": {str(k): v for k, v in registers.items()}, "element": element}
-        ).encode("utf-8")
+        doc = {
+            "before": {str(k): v for k, v in before.items()},
+            "after": {str(k): v for k, v in after.items()},
+            "element": element,
+        }
+        payload = json_dumps(doc).encode("utf-8")
         os.ftruncate(fd, 0)
         os.pwrite(fd, payload, 0)
         return True

@@ -266,12 +266,14 @@ def cmd_start(args: argparse.Namespace) -> int:
                 assert conf is not None
                 lock = StartLock.acquire(conf.run_dir, args.domain)
                 if lock is not None:  # the hook's prepare will leave this check to us
-                    _audit_prepare(conf, domain, target)
+                    _audit(conf, domain, "prepare", "allowed", after=_regs(target))
         try:
-            _start(args, dom, subject.policy, snap, where, lock)
+            handed = _start(args, dom, subject.policy, snap, where, lock)
         finally:
             if lock is not None:
                 lock.release()
+        if handed:  # what the hook's recorder would have said
+            _audit(conf, domain, "started/recorder", "recorded-resumed")
         sys.stdout.write(f"{args.domain}: started under policy {subject.policy.name!r}\n")
     finally:
         conn.close()
@@ -280,9 +282,9 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def _start(
     args: argparse.Namespace, dom: Any, policy: Any, snap: Any, where: str, lock: Any
-) -> None:
+) -> bool:
     """Paused start, then (the hook's hand-over, else apply here) record, resume; on any
-    failure the domain is destroyed: it never ran."""
+    failure the domain is destroyed: it never ran. -> whether the hook handed over."""
     from hvcpolicy import libvirt
 
     host = snap.registers if snap is not None else None
@@ -290,8 +292,8 @@ def _start(
     try:
         handed = lock.handed_over() if lock is not None else None
         if handed is not None:  # the hook applied and verified on every vCPU
-            after, element = handed
-            _verify_applied(policy, after, host, where)
+            _check_hand_over(policy, handed, host, where)
+            element: str | None = handed.element
         else:
             element = _apply_here(args, dom, policy, snap, where)
         if element is not None:
@@ -304,6 +306,19 @@ def _start(
         with contextlib.suppress(Unavailable):  # gone already: what failed is the error
             libvirt.destroy(dom)
         raise
+    return handed is not None
+
+
+def _check_hand_over(policy: Any, handed: Any, host: dict[int, int] | None, where: str) -> None:
+    """Plan again from what the hook read before its write, as it did, and hold its read-back
+    to that: what is recorded is what this policy makes of this guest on this host."""
+    from hvcpolicy.errors import Refused
+    from hvcpolicy.planner import plan_start, verify
+
+    plan = plan_start(policy, handed.before, host if host is not None else handed.before)
+    diffs = plan.refusals if not plan.ok else verify(plan.target, handed.after)
+    if diffs:
+        raise Refused(f"{where}: the hook's hand-over does not match: {'; '.join(diffs)}", diffs)
 
 
 def _apply_here(args: argparse.Namespace, dom: Any, policy: Any, snap: Any, where: str) -> Any:
@@ -365,22 +380,19 @@ def _same_inputs_as_hook(conf: Any, policy_dir_arg: str | None, snap_path: str) 
     return same and os.path.realpath(snap_path) == os.path.realpath(hook_snap)
 
 
-def _audit_prepare(conf: Any, domain: Any, target: dict[int, int]) -> None:
-    """The line the hook's prepare would have logged, said by ``start`` that ran the check."""
+def _audit(conf: Any, domain: Any, stage: str, outcome: str, **fields: str) -> None:
+    """A line the hook (its prepare, its recorder) would have logged, said by ``start``,
+    which did that part of the work."""
     from hvcpolicy import audit
 
-    audit.record(
-        {
-            "domain": domain.name,
-            "uuid": domain.uuid or "-",
-            "stage": "prepare",
-            "policy": domain.meta.ref if domain.meta is not None else "default",
-            "outcome": "allowed",
-            "after": audit.regs_text(target),
-            "by": "start",
-        },
-        conf.audit_file,
-    )
+    line = {
+        "domain": domain.name,
+        "uuid": domain.uuid or "-",
+        "stage": stage,
+        "policy": domain.meta.ref if domain.meta is not None else "default",
+        "outcome": outcome,
+    }
+    audit.record({**line, **fields, "by": "start"}, conf.audit_file)
 
 
 def _verify_applied(
@@ -396,6 +408,12 @@ def _verify_applied(
     diffs = verify({rid: v for rid, v in target.items() if rid in live}, live)
     if diffs:
         raise Refused(f"{where} ran before hvcpolicy could apply: {'; '.join(diffs)}", diffs)
+
+
+def _regs(registers: dict[int, int]) -> str:
+    from hvcpolicy.audit import regs_text
+
+    return regs_text(registers)
 
 
 def _hook_config() -> Any:

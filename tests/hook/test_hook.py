@@ -384,7 +384,8 @@ def test_started_hands_what_it_applied_to_a_start_holding_the_lock(env: Path) ->
         handed = json.loads(os.pread(fd, 1 << 20, 0))
     finally:
         os.close(fd)
-    assert handed["registers"][str(0x6030000000160002)] == 0x1  # ptp denied, as written
+    assert handed["before"][str(0x6030000000160002)] == 0x3  # ptp offered by the kernel
+    assert handed["after"][str(0x6030000000160002)] == 0x1  # ptp denied, as written
     assert handed["element"].startswith("<hvc:policy ") and "<hvc:applied " in handed["element"]
     time.sleep(1.5)  # a recorder, had one been forked, logs within this (see the test below)
     assert _recorder_lines(env) == []

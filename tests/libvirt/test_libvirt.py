@@ -51,8 +51,11 @@ def test_hvcpolicy_start_applies_while_prelaunch(lab: Lab, guest_factory) -> Non
     # and the hook handed what it applied to start instead of forking its recorder
     prepare = audit_for(lab, g, "prepare")
     assert len(prepare) == 1 and "outcome=allowed" in prepare[0] and "by=start" in prepare[0]
+    recorded = audit_for(lab, g, "started/recorder")
+    assert len(recorded) == 1 and "outcome=recorded-resumed" in recorded[0], recorded
+    assert "by=start" in recorded[0]  # start's own line: no recorder was forked
     time.sleep(1)
-    assert audit_for(lab, g, "started/recorder") == []
+    assert len(audit_for(lab, g, "started/recorder")) == 1
     assert not os.path.exists(f"/run/hvcpolicy/start/{g.name}")
 
 
