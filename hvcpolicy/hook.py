@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from typing import IO, Any
 
-    from hvcpolicy.domainxml import Domain
+    from hvcpolicy.domainxml import Domain, DomainPolicy
     from hvcpolicy.policy import Policy
     from hvcpolicy.snapshot import Snapshot
 
@@ -240,19 +240,24 @@ def stage_prepare(hook: Hook) -> int:
     policy = hook.policy()
     if policy is None:
         return 0
+    target = check_host(policy, hook.snapshot(), f"domain {hook.domain.name!r}")
+    hook.log("allowed", after=_regs(target))
+    return 0
+
+
+def check_host(policy: Policy, snap: Snapshot, who: str) -> dict[int, int]:
+    """The prepare check, before QEMU exists: can this host run the policy? -> what a guest
+    started here is left with. Shared by the hook's prepare stage and ``hvcpolicy start``."""
     from hvcpolicy.planner import plan_start
 
-    snap = hook.snapshot()
     plan = plan_start(policy, snap.registers)
     if not plan.ok:
         raise Refused(
-            f"hvcpolicy: domain {hook.domain.name!r} cannot start on this host "
-            f"({snap.host}, kernel {snap.kernel}) under policy {policy.name!r}: "
-            + "; ".join(plan.refusals),
+            f"{who} cannot start on this host ({snap.host}, kernel {snap.kernel}) under policy "
+            f"{policy.name!r}: " + "; ".join(plan.refusals),
             plan.refusals,
         )
-    hook.log("allowed", after=_regs(plan.target))
-    return 0
+    return plan.target
 
 
 def stage_move(hook: Hook) -> int:
@@ -739,17 +744,26 @@ class HookQMP:
 
 
 def _applied_element(hook: Hook, registers: Mapping[int, int]) -> str:
-    """The domain's ``<hvc:policy>`` with ``<hvc:applied>``: what this host wrote, and when."""
-    from hvcpolicy.domainxml import Applied, render_policy, with_applied
-
     meta = hook.domain.meta
     assert meta is not None
-    host, kernel = _host_identity(hook)
+    try:
+        snap: Snapshot | None = hook.snapshot()
+    except HvcError:
+        snap = None
+    return applied_element(meta, registers, snap)
+
+
+def applied_element(meta: DomainPolicy, registers: Mapping[int, int], snap: Snapshot | None) -> str:
+    """The domain's ``<hvc:policy>`` with ``<hvc:applied>``: what this host (its snapshot's
+    name and kernel, else uname's) wrote, and when. Shared with ``hvcpolicy start``."""
     import time
 
+    from hvcpolicy.domainxml import Applied, render_policy, with_applied
+
+    u = os.uname()
     applied = Applied(
-        host=host,
-        kernel=kernel,
+        host=snap.host if snap is not None else u.nodename,
+        kernel=snap.kernel if snap is not None else u.release,
         at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         registers=dict(registers),
     )
@@ -772,15 +786,6 @@ def _spawn_recorder(hook: Hook, element: str, resume: bool) -> None:
     except BaseException:
         rc = 1
     os._exit(rc)
-
-
-def _host_identity(hook: Hook) -> tuple[str, str]:
-    try:
-        snap = hook.snapshot()
-        return snap.host, snap.kernel
-    except HvcError:
-        u = os.uname()
-        return u.nodename, u.release
 
 
 def unprefixed(element: str) -> str:

@@ -235,7 +235,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from hvcpolicy import libvirt
+    from hvcpolicy import hook, libvirt
     from hvcpolicy.cli.common import subject_from_domain
     from hvcpolicy.domainxml import parse_domain
     from hvcpolicy.snapshot import DEFAULT_PATH, load_snapshot
@@ -259,7 +259,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         snap = load_snapshot(snap_path) if os.path.exists(snap_path) else None
         lock = None
         if snap is not None:
-            target = _check_host(subject.policy, snap, where)
+            target = hook.check_host(subject.policy, snap, where)
             if _same_inputs_as_hook(conf, args.policy_dir, snap_path):
                 from hvcpolicy.startlock import StartLock
 
@@ -324,10 +324,8 @@ def _check_hand_over(policy: Any, handed: Any, host: dict[int, int] | None, wher
 def _apply_here(args: argparse.Namespace, dom: Any, policy: Any, snap: Any, where: str) -> Any:
     """No hook handed anything over: apply over QMP here (or, when a hook already applied and
     resumed, verify); -> the ``<hvc:policy>`` element to record, or None."""
-    import time
-
     from hvcpolicy import hook, libvirt
-    from hvcpolicy.domainxml import Applied, parse_domain, render_policy, with_applied
+    from hvcpolicy.domainxml import parse_domain
 
     host = snap.registers if snap is not None else None
     live = parse_domain(libvirt.domain_xml(dom), where)
@@ -342,30 +340,7 @@ def _apply_here(args: argparse.Namespace, dom: Any, policy: Any, snap: Any, wher
             _verify_applied(policy, after, host, where)
     if live.meta is None:
         return None
-    u = os.uname()
-    applied = Applied(
-        host=snap.host if snap else u.nodename,
-        kernel=snap.kernel if snap else u.release,
-        at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        registers=after,
-    )
-    return render_policy(with_applied(live.meta, applied))
-
-
-def _check_host(policy: Any, snap: Any, where: str) -> dict[int, int]:
-    """The hook's prepare check, before anything starts: can this host run the policy?
-    -> what a guest started here would be left with."""
-    from hvcpolicy.errors import Refused
-    from hvcpolicy.planner import plan_start
-
-    plan = plan_start(policy, snap.registers)
-    if not plan.ok:
-        raise Refused(
-            f"{where} cannot start on this host ({snap.host}, kernel {snap.kernel}) under "
-            f"policy {policy.name!r}: " + "; ".join(plan.refusals),
-            plan.refusals,
-        )
-    return plan.target
+    return hook.applied_element(live.meta, after, snap)
 
 
 def _same_inputs_as_hook(conf: Any, policy_dir_arg: str | None, snap_path: str) -> bool:
