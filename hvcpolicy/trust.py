@@ -60,24 +60,20 @@ def check_tree(path: str, what: str, owner: int = 0) -> None:
                 f"(fix: chown root {bounded(current)})",
                 what,
             )
-        if st.st_mode & _WRITABLE_BY_OTHERS and not (
-            below is not None
-            and below.st_uid == 0
-            and stat.S_ISDIR(st.st_mode)
-            and st.st_mode & stat.S_ISVTX
-        ):
-            sticky = below is not None and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+        # a sticky directory above ``path``: others may write it, not replace root's entry
+        sticky = below is not None and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+        rooted = below is not None and below.st_uid == 0
+        if st.st_mode & _WRITABLE_BY_OTHERS and not (sticky and rooted):
             who = (
                 "group and others"
                 if st.st_mode & stat.S_IWOTH and st.st_mode & stat.S_IWGRP
                 else ("others" if st.st_mode & stat.S_IWOTH else "its group")
             )
             if sticky:
-                child = below_path
                 raise InvalidInput(
                     f"not trusted: {bounded(current)} is writable by {who} (mode "
-                    f"{stat.S_IMODE(st.st_mode):04o}) and {bounded(child)} in it is not "
-                    f"root's (fix: chown root {bounded(child)})",
+                    f"{stat.S_IMODE(st.st_mode):04o}) and {bounded(below_path)} in it is not "
+                    f"root's (fix: chown root {bounded(below_path)})",
                     what,
                 )
             raise InvalidInput(
