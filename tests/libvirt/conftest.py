@@ -132,10 +132,14 @@ class Lab:
         path = (self.system if daemon == "system" else self.session) / "audit.log"
         return path.read_text().splitlines() if path.exists() else []
 
-    def set_host(self, daemon: str, fixture: str, host: str) -> None:
-        """This daemon's host snapshot: a fixture host renamed (snapshot files are per host)."""
+    def set_host(
+        self, daemon: str, fixture: str, host: str, registers: dict[str, str] | None = None
+    ) -> None:
+        """This daemon's host snapshot: a fixture host renamed (snapshot files are per host),
+        with ``registers`` (id -> 0x value) in place of the fixture's."""
         doc = json.loads((HOSTS / fixture).read_text())
         doc["host"] = host
+        doc["registers"].update(registers or {})
         target = (self.system if daemon == "system" else self.session) / "host.json"
         tmp = target.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))

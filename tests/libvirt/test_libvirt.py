@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -181,6 +180,23 @@ def _migrate(lab: Lab, g: Guest, guest_factory) -> Any:
     )
 
 
+def _migrate_to(
+    lab: Lab,
+    g: Guest,
+    guest_factory,
+    fixture: str,
+    host: str,
+    registers: dict[str, str] | None = None,
+) -> Any:
+    """``_migrate`` to a destination whose snapshot is ``fixture`` (as ``host``, with
+    ``registers`` changed); the destination's usual snapshot is put back afterwards."""
+    lab.set_host("session", fixture, host, registers)
+    try:
+        return _migrate(lab, g, guest_factory)
+    finally:
+        lab.set_host("session", "neoverse-n1_linux-6.18.json", "lab-destination")
+
+
 def test_migration_refused_by_a_destination_lacking_a_carried_register(
     lab: Lab, guest_factory, session_libvirtd
 ) -> None:
@@ -193,11 +209,7 @@ def test_migration_refused_by_a_destination_lacking_a_carried_register(
         "--to", str(HOSTS / "neoverse-n1_linux-6.1.json"), check=False,
     )  # fmt: skip
     assert ask.returncode == 3 and "VENDOR_HYP_BMAP_2" in ask.stdout + ask.stderr
-    lab.set_host("session", "neoverse-n1_linux-6.1.json", "lab-destination-6-1")
-    try:
-        done = _migrate(lab, g, guest_factory)
-    finally:
-        lab.set_host("session", "neoverse-n1_linux-6.18.json", "lab-destination")
+    done = _migrate_to(lab, g, guest_factory, "neoverse-n1_linux-6.1.json", "lab-destination-6-1")
     assert done.returncode != 0
     assert "refuses an incoming migration of domain" in done.stderr
     assert "VENDOR_HYP_BMAP_2" in done.stderr and "missing on the destination" in done.stderr
@@ -214,15 +226,10 @@ def test_migration_refused_for_an_applied_value_the_destination_kernel_rejects(
     assert applied_registers(g.live_xml())["0x6030000000140001"] == "0x2"  # WA1 NOT_REQUIRED
     # a destination CPU that needs the Spectre-v2 mitigation (WA1 level 1, AVAIL): the kernel
     # accepts a WA1 value only up to its own level, so loading 0x2 there fails
-    doc = json.loads((HOSTS / "neoverse-n1_linux-6.18.json").read_text())
-    doc["host"] = "lab-destination-wa1-avail"
-    doc["registers"]["0x6030000000140001"] = "0x1"
-    target = lab.session / "host.json"
-    target.write_text(json.dumps(doc))
-    try:
-        done = _migrate(lab, g, guest_factory)
-    finally:
-        lab.set_host("session", "neoverse-n1_linux-6.18.json", "lab-destination")
+    done = _migrate_to(
+        lab, g, guest_factory, "neoverse-n1_linux-6.18.json", "lab-destination-wa1-avail",
+        {"0x6030000000140001": "0x1"},
+    )  # fmt: skip
     assert done.returncode != 0
     assert "= 0x2: the destination kernel would reject it" in done.stderr
     assert "mitigation level is 1 (EINVAL)" in done.stderr
@@ -242,14 +249,10 @@ def test_migration_refused_for_an_applied_bit_the_destination_lacks(
         for r in ("0x6030000000160002", "0x6030000000160000", "0x6030000000160001")
         if int(carried.get(r, "0x0"), 16)
     )
-    doc = json.loads((HOSTS / "neoverse-n1_linux-6.18.json").read_text())
-    doc["host"] = "lab-destination-lacking-a-bit"
-    doc["registers"][rid] = hex(value & (value - 1))  # the lowest bit the guest carries, gone
-    (lab.session / "host.json").write_text(json.dumps(doc))
-    try:
-        done = _migrate(lab, g, guest_factory)
-    finally:
-        lab.set_host("session", "neoverse-n1_linux-6.18.json", "lab-destination")
+    done = _migrate_to(
+        lab, g, guest_factory, "neoverse-n1_linux-6.18.json", "lab-destination-lacking-a-bit",
+        {rid: hex(value & (value - 1))},  # the lowest bit the guest carries, gone
+    )  # fmt: skip
     assert done.returncode != 0
     assert "the destination kernel would reject it" in done.stderr
     assert "are not supported there (EINVAL)" in done.stderr
