@@ -1,4 +1,6 @@
-"""What libvirt runs: ``hooks/qemu`` execs ``python3 -I -S hvcpolicy/hook.py DOMAIN OP SUB X``.
+"""What libvirt runs: ``hooks/qemu`` execs ``python3 -I -S`` on ``main`` with DOMAIN OP SUB X,
+the domain XML on stdin. While ``hvcpolicy start`` drives a start, it runs ``started`` itself on
+the sh pre-filter's call (``serve``, see startlock.py): the same code, in a warm interpreter.
 
 libvirt runs the hook synchronously with the domain locked, so every stage imports only what it
 needs (no argparse, yaml, jsonschema, asyncio or libvirt on ``prepare``/``migrate``/``restore``),
@@ -146,6 +148,7 @@ class Hook:
             "policy": "-",
         }
         self._domain: Domain | None = None
+        self.served = False  # run inside `hvcpolicy start` (serve): never fork from there
 
     @property
     def domain(self) -> Domain:
@@ -404,7 +407,10 @@ def _apply_prelaunch(hook: Hook, policy: Policy, qmp: HookQMP) -> int:
         from hvcpolicy import startlock
 
         # `hvcpolicy start` drives this start: it records and resumes, and no virsh races it
-        if not startlock.hand_over(hook.conf.run_dir, hook.argv[0], before, after, element):
+        handed = startlock.hand_over(hook.conf.run_dir, hook.argv[0], before, after, element)
+        if not handed and hook.served:  # start's own lock, lost: and never fork from start
+            raise Unavailable(f"hvcpolicy: {hook.argv[0]!r}: the start lock was lost")
+        if not handed:
             _spawn_recorder(hook, element, meta.resume_after_apply)
     return 0
 
@@ -871,21 +877,45 @@ _MAX_XML = 8 << 20  # domainxml.MAX_XML, without importing it before the stage n
 
 
 def main(argv: list[str], stdin: IO[bytes]) -> int:
-    """``argv``: DOMAIN OP SUBOP EXTRA as libvirt passes them; ``stdin``: the domain XML."""
+    """``argv``: DOMAIN OP SUBOP EXTRA as libvirt passes them; ``stdin``: the domain XML (its
+    head already read by the sh pre-filter, in ``HVC_XML_HEAD``)."""
     if len(argv) < 2 or argv[1] not in _STAGES:
         return 0
-    stage = argv[1]
     head = os.environ.pop("HVC_XML_HEAD", "").encode("utf-8", "surrogateescape")
+    rc, message = run(argv, _read_xml(head, stdin), load_config)
+    if message:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+    return rc
+
+
+def serve(argv: list[str], stdin: IO[bytes], conf: Config) -> tuple[int, str]:
+    """The stage run inside ``hvcpolicy start``, which holds the start lock and serves the sh
+    pre-filter's request (startlock.py) from its warm interpreter: the same run as ``main``'s,
+    with start's config. -> (exit status, the message the hook would print)."""
+    return run(argv, _read_xml(b"", stdin), lambda: conf, served=True)
+
+
+def _read_xml(head: bytes, stdin: IO[bytes]) -> bytes:
     try:
         # at most one byte past the limit: parse_domain refuses it, the rest is never read
-        xml = head + stdin.read(max(0, _MAX_XML + 1 - len(head)))
+        return head + stdin.read(max(0, _MAX_XML + 1 - len(head)))
     except OSError:
-        xml = head
+        return head
+
+
+def run(
+    argv: list[str], xml: bytes, config: Callable[[], Config], served: bool = False
+) -> tuple[int, str]:
+    """One stage, every error one audit line and one message; -> (exit status, message)."""
+    stage = argv[1]
     hook: Hook | None = None
     try:
-        conf = load_config()
-        hook = Hook(argv, xml, conf)
-        return _STAGES[stage](hook)
+        hook = Hook(argv, xml, config())
+        if served:
+            hook.served = True
+            hook.audit["by"] = "start"
+        return _STAGES[stage](hook), ""
     except HvcError as err:
         outcome = "refused" if isinstance(err, Refused) else "error"
         return _fail(hook, stage, outcome, err.message)
@@ -893,7 +923,7 @@ def main(argv: list[str], stdin: IO[bytes]) -> int:
         return _fail(hook, stage, "error", f"internal error: {type(err).__name__}: {err}")
 
 
-def _fail(hook: Hook | None, stage: str, outcome: str, message: str) -> int:
+def _fail(hook: Hook | None, stage: str, outcome: str, message: str) -> tuple[int, str]:
     if not message.startswith("hvcpolicy: "):
         message = "hvcpolicy: " + message
     if hook is not None:
@@ -903,10 +933,8 @@ def _fail(hook: Hook | None, stage: str, outcome: str, message: str) -> int:
 
         audit.record({"stage": stage, "outcome": outcome, "reason": message}, None, True)
     if stage == "reconnect":
-        return 0
-    sys.stderr.write(message + "\n")
-    sys.stderr.flush()
-    return 1
+        return 0, ""
+    return 1, message
 
 
 if __name__ == "__main__":

@@ -267,6 +267,8 @@ def cmd_start(args: argparse.Namespace) -> int:
                 lock = StartLock.acquire(conf.run_dir, args.domain)
                 if lock is not None:  # the hook's prepare will leave this check to us
                     _audit(conf, domain, "prepare", "allowed", after=_regs(target))
+                    argv = [args.domain, "started", "begin", "-"]
+                    lock.serve(lambda stdin: hook.serve(argv, stdin, conf))
         try:
             handed = _start(args, dom, subject.policy, snap, where, lock)
         finally:

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -404,3 +405,152 @@ def test_started_forks_its_recorder_when_no_start_holds_the_lock(env: Path) -> N
         time.sleep(0.05)
     assert _recorder_lines(env), audit(env)  # no libvirtd here: it logs record-failed
     assert lock.read_bytes() == b""  # and nothing was handed to the dead start
+
+
+# --- `started` served by `hvcpolicy start` (StartLock.serve): the sh pre-filter's call ---------
+
+
+def _sh_with_run_dir(sh_hook: Path, wait: int | None = None) -> str:
+    run = sh_hook.parent / "run"
+    text = sh_hook.read_text().replace("HVC_RUN_DIR=/run/hvcpolicy", f"HVC_RUN_DIR={run}")
+    if wait is not None:
+        text = text.replace("-w 120", f"-w {wait}")
+    sh_hook.write_text(text)
+    return str(run)
+
+
+def test_sh_started_is_answered_by_the_start_holding_the_lock(sh_hook: Path) -> None:
+    from hvcpolicy.startlock import StartLock
+
+    run = _sh_with_run_dir(sh_hook)
+    xml = domain("fleet-2026") + "<!--" + "x" * 200_000 + "-->\n"  # more than a pipe holds
+    got: list[bytes] = []
+
+    def handler(stdin: Any) -> tuple[int, str]:
+        got.append(stdin.read())
+        return 0, ""
+
+    with StartLock.acquire(run, "g1") as lock:  # type: ignore[union-attr]
+        assert lock.serve(handler)
+        done = run_sh(sh_hook, "started", xml)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert got == [xml.encode()]  # the hook's own stdin, whole
+        assert not (sh_hook.parent / "argv").exists()  # no Python
+        # served once: a second call is not answered, and Python runs
+        assert run_sh(sh_hook, "started", xml).returncode == 0
+        assert (sh_hook.parent / "argv").exists()
+        d = sh_hook.parent
+        assert (d / "head").read_text() + (d / "rest").read_text() == xml
+    for sub in ("start", "call", "answer"):
+        assert os.listdir(os.path.join(run, sub)) == []  # everything removed on release
+
+
+@pytest.mark.parametrize(
+    ("answer", "rc", "stderr"),
+    [
+        ((1, "hvcpolicy: domain 'g1' refused: no"), 1, "hvcpolicy: domain 'g1' refused: no\n"),
+        (RuntimeError("boom"), 1, "internal error in `hvcpolicy start`: RuntimeError('boom')"),
+    ],
+)
+def test_sh_started_says_what_start_answered(
+    sh_hook: Path, answer: object, rc: int, stderr: str
+) -> None:
+    from hvcpolicy.startlock import StartLock
+
+    run = _sh_with_run_dir(sh_hook)
+
+    def handler(stdin: Any) -> tuple[int, str]:
+        stdin.read()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    with StartLock.acquire(run, "g1") as lock:  # type: ignore[union-attr]
+        assert lock.serve(handler)
+        done = run_sh(sh_hook, "started", domain("fleet-2026"))
+    assert (done.returncode, stderr in done.stderr) == (rc, True), done.stderr
+    assert not (sh_hook.parent / "argv").exists()  # the XML is consumed: refused, not retried
+
+
+def test_sh_started_runs_python_when_no_start_answers(sh_hook: Path) -> None:
+    run = _sh_with_run_dir(sh_hook)
+    # what a start killed after answering an earlier call leaves: its FIFO and its answer, with
+    # no lock held (the kernel dropped them with it)
+    os.makedirs(f"{run}/call", mode=0o700)
+    os.makedirs(f"{run}/answer", mode=0o700)
+    os.mkfifo(f"{run}/call/g1", 0o600)
+    Path(f"{run}/answer/g1").write_text("00000000-0000-0000-0000-000000000000 0\n")
+    xml = domain("fleet-2026")
+    done = run_sh(sh_hook, "started", xml)
+    assert done.returncode == 0, done.stderr
+    d = sh_hook.parent
+    assert (d / "head").read_text() + (d / "rest").read_text() == xml  # Python got it all
+
+
+def test_sh_started_refuses_when_start_never_answers(sh_hook: Path) -> None:
+    import fcntl
+
+    run = _sh_with_run_dir(sh_hook, wait=1)
+    os.makedirs(f"{run}/call", mode=0o700)
+    os.makedirs(f"{run}/answer", mode=0o700)
+    os.mkfifo(f"{run}/call/g1", 0o600)
+    fd = os.open(f"{run}/answer/g1", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a start that is alive and stuck
+    try:
+        done = run_sh(sh_hook, "started", domain("fleet-2026"))
+    finally:
+        os.close(fd)
+    assert done.returncode == 1
+    assert "did not answer the started stage" in done.stderr
+    assert not (sh_hook.parent / "argv").exists()  # it may still be writing: no second writer
+
+
+def test_start_serves_the_hooks_own_stage(env: Path) -> None:
+    """``hook.serve`` in start's process: the same stage, its audit line says so, the hand-over
+    reaches the lock, and nothing is forked."""
+    import io
+
+    from hvcpolicy.startlock import StartLock
+
+    lock_file = _with_run_dir(env)
+    sock = str(env / "qmp.sock")
+    conf = hookmod.load_config(str(env / "hook.conf"))
+    xml = domain("noptp", sock).encode()
+    with StartLock.acquire(str(lock_file.parent.parent), "g1") as lock:  # type: ignore[union-attr]
+        with simulator_process(sock, "6.18", "--vcpus", "2"):
+            rc, message = hookmod.serve(["g1", "started", "begin", "-"], io.BytesIO(xml), conf)
+        assert (rc, message) == (0, "")
+        handed = lock.handed_over()
+    assert handed is not None and handed.after[0x6030000000160002] == 0x1
+    applied = [x for x in audit(env) if "stage=started/prelaunch" in x]
+    assert len(applied) == 1 and "outcome=applied" in applied[0] and "by=start" in applied[0]
+    # the lock gone (start lost it): refused, never a recorder forked from start's process
+    with simulator_process(sock, "6.18", "--vcpus", "2"):
+        rc, message = hookmod.serve(["g1", "started", "begin", "-"], io.BytesIO(xml), conf)
+    assert rc == 1 and "the start lock was lost" in message
+    assert _recorder_lines(env) == []
+
+
+def test_serving_needs_a_place_only_this_user_can_write(tmp_path: Path) -> None:
+    from hvcpolicy.startlock import StartLock
+
+    run = tmp_path / "run"
+    with StartLock.acquire(str(run), "g1") as lock:  # type: ignore[union-attr]
+        (run / "answer").mkdir(mode=0o700)
+        os.chmod(run / "answer", 0o777)
+        assert not lock.serve(lambda stdin: (0, ""))
+        assert lock.server is None
+
+
+@pytest.mark.parametrize("foreign", ["call/g1", "answer/g1", "answer", "."])
+def test_sh_started_takes_no_answer_from_files_it_does_not_own(sh_hook: Path, foreign: str) -> None:
+    from hvcpolicy.startlock import StartLock
+
+    run = _sh_with_run_dir(sh_hook)
+    served: list[int] = []
+    with StartLock.acquire(run, "g1") as lock:  # type: ignore[union-attr]
+        assert lock.serve(lambda stdin: (served.append(1), (0, ""))[1])
+        os.chown(os.path.join(run, foreign), 65534, -1, follow_symlinks=False)
+        done = run_sh(sh_hook, "started", domain("fleet-2026"))
+    assert done.returncode == 0 and served == []
+    assert (sh_hook.parent / "argv").exists()  # Python ran the stage

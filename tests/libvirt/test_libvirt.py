@@ -46,6 +46,8 @@ def test_hvcpolicy_start_applies_while_prelaunch(lab: Lab, guest_factory) -> Non
     assert lines and "outcome=applied" in lines[0], lab.audit()
     assert f"{VENDOR_HYP_BMAP}=0x1" in lines[0].split(" after=")[1]
     assert applied_registers(g.live_xml())[VENDOR_HYP_BMAP] == "0x1"
+    # the stage ran in start's interpreter, on the sh pre-filter's call, as the hook's own code
+    assert "by=start" in lines[0]
     # start ran the host check itself and held its lock: the hook's prepare left it to start,
     # and the hook handed what it applied to start instead of forking its recorder
     prepare = audit_for(lab, g, "prepare")
