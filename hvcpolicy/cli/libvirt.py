@@ -300,7 +300,8 @@ def _start(
             element = _apply_here(args, dom, policy, snap, where)
         if element is not None:
             libvirt.set_policy_metadata(dom, element, live=True)
-        if libvirt.state(dom) == "paused":
+        # handed over: no recorder was forked, so nobody else resumes it (no state round trip)
+        if handed is not None or libvirt.state(dom) == "paused":
             libvirt.resume(dom)
     except BaseException:
         import contextlib
