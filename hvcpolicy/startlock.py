@@ -65,6 +65,29 @@ def _trusted_dir(path: str) -> bool:
     return stat.S_ISDIR(st.st_mode) and _trusted(st)
 
 
+def _own_dir(path: str, mode: int) -> bool:
+    """``path`` made (``mode``) when missing; whether it is a trusted directory."""
+    try:
+        os.makedirs(path, mode, exist_ok=True)
+    except OSError:
+        return False
+    return _trusted_dir(path)
+
+
+def _open_trusted(path: str, flags: int, kind: int) -> int | None:
+    """An fd on ``path`` (never through a symlink) when it is a ``kind`` (``stat.S_IFREG``,
+    ``S_IFIFO``) this user owns and no one else can write; else None."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    if stat.S_IFMT(st.st_mode) != kind or not _trusted(st):
+        os.close(fd)
+        return None
+    return fd
+
+
 class HandOver(Record):
     """What the hook's ``started`` stage gives ``start``: the guest's registers before its write
     and on every vCPU after it, and the ``<hvc:policy>`` element that records them."""
@@ -107,25 +130,14 @@ class StartLock:
         path = lock_path(run_dir, name)
         if path is None:
             return None
-        directory = os.path.dirname(path)
-        try:
-            os.makedirs(run_dir, 0o755, exist_ok=True)
-            os.makedirs(directory, 0o700, exist_ok=True)
-        except OSError:
+        if not (_own_dir(run_dir, 0o755) and _own_dir(os.path.dirname(path), 0o700)):
             return None
-        if not (_trusted_dir(run_dir) and _trusted_dir(directory)):
-            return None
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError:
+        fd = _open_trusted(path, os.O_RDWR | os.O_CREAT, stat.S_IFREG)
+        if fd is None:
             return None
         import fcntl
 
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or not _trusted(st):
-                os.close(fd)
-                return None
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
@@ -189,16 +201,12 @@ def hand_over(
     path = lock_path(run_dir, name)
     if path is None or not _trusted_dir(os.path.dirname(path)):
         return False
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
+    fd = _open_trusted(path, os.O_RDWR | os.O_NONBLOCK, stat.S_IFREG)
+    if fd is None:
         return False
     import fcntl
 
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or not _trusted(st):
-            return False
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -232,18 +240,6 @@ def _unlink_if_ours(path: str, fd: int) -> None:
         pass
 
 
-def _open_trusted(path: str, flags: int, kind: int) -> int | None:
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return None
-    st = os.fstat(fd)
-    if stat.S_IFMT(st.st_mode) != kind or not _trusted(st):
-        os.close(fd)
-        return None
-    return fd
-
-
 class _Server:
     """``start``'s side of the hook's ``started`` stage: one thread waits for the sh pre-filter's
     call, runs the stage, writes the answer and drops the answer lock the caller waits on.
@@ -269,13 +265,10 @@ class _Server:
     def listen(cls, run_dir: str, name: str, handler: Handler) -> _Server | None:
         call = os.path.join(run_dir, CALL_SUBDIR, name)
         answer = os.path.join(run_dir, ANSWER_SUBDIR, name)
-        for directory in (os.path.dirname(call), os.path.dirname(answer)):
-            try:
-                os.makedirs(directory, 0o700, exist_ok=True)
-            except OSError:
-                return None
-            if not _trusted_dir(directory):
-                return None
+        if not (
+            _own_dir(os.path.dirname(call), 0o700) and _own_dir(os.path.dirname(answer), 0o700)
+        ):
+            return None
         import fcntl
 
         try:
