@@ -20,13 +20,20 @@ import os
 import platform
 import re
 import socket
-import struct
 import subprocess
 import sys
 import time
 from typing import Any
 
 TIMEOUT = 90.0
+# Two vCPUs, so every stream carries two copies of the per-VM firmware registers and an edit of
+# only the first is seen to be undone by the second (the last vCPU loaded wins).
+VCPUS = 2
+
+# The checkout is on 9p at /mnt/host (run.py puts it on PYTHONPATH); by hand, find it from here.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from hvcpolicy.errors import HvcError  # noqa: E402
+from hvcpolicy.stream import apply, parse_stream, replace_lists  # noqa: E402
 
 
 def qemus() -> dict[str, dict[str, Any]]:
@@ -113,7 +120,7 @@ def start(q: dict[str, Any], sock: str, extra: list[str]) -> subprocess.Popen[by
         "-m",
         "64",
         "-smp",
-        "1",
+        str(VCPUS),
         "-nodefaults",
         "-display",
         "none",
@@ -157,40 +164,21 @@ VENDOR_HYP_BMAP_2 = 0x6030000000160003
 PSCI_1_1 = 0x10001
 
 
-def cpreg_arrays(data: bytes) -> tuple[int, int]:
-    """(offset of the indexes array, its length N) of the cpu's cpreg list in a migration stream.
-
-    QEMU saves it as be32 N, N be64 KVM register ids (sorted), N be64 values; the firmware
-    registers (coproc 0x14, 0x16) are the largest ids, so PSCI_VERSION is always among them.
-    """
-    at = data.find(struct.pack(">Q", PSCI_VERSION))
-    if at < 0:
-        raise ValueError("no PSCI_VERSION in the stream")
-    start = at
-    while start >= 8 and data[start - 8] == 0x60:  # ids: KVM_REG_ARM64 | size
-        start -= 8
-    n = struct.unpack_from(">i", data, start - 4)[0]
-    if not start + 8 * n > at >= start:
-        raise ValueError("cannot find the cpreg list in the stream")
-    return start, n
-
-
 def stream_firmware(data: bytes) -> dict[int, int]:
-    """The firmware registers (coproc 0x14/0x16) the stream carries, with their values."""
-    start, n = cpreg_arrays(data)
-    ids = struct.unpack_from(f">{n}Q", data, start)
-    values = struct.unpack_from(f">{n}Q", data, start + 8 * n)
-    return {i: v for i, v in zip(ids, values, strict=True) if (i >> 16) & 0xFFFF in (0x14, 0x16)}
+    """The firmware registers (coproc 0x14/0x16) the stream carries, with their values: the ones
+    every vCPU agrees on (hvcpolicy.stream refuses a stream whose vCPUs disagree)."""
+    return parse_stream(data, "stream").firmware()
+
+
+def vcpu_firmware(data: bytes) -> list[dict[int, int]]:
+    """Every vCPU's firmware registers, in the order QEMU loads them."""
+    return [c.firmware for c in parse_stream(data, "stream").vcpus]
 
 
 def patched(data: bytes, changes: dict[int, int]) -> bytes:
-    """The stream with some cpreg values changed: the guest as hvcpolicy would have left it."""
-    start, n = cpreg_arrays(data)
-    ids = struct.unpack_from(f">{n}Q", data, start)
-    out = bytearray(data)
-    for rid, value in changes.items():
-        struct.pack_into(">Q", out, start + 8 * n + 8 * ids.index(rid), value)
-    return bytes(out)
+    """The stream with some cpreg values changed in EVERY vCPU's list (the last vCPU loaded
+    decides what KVM keeps): the guest as hvcpolicy would have left it."""
+    return apply(data, parse_stream(data, "stream").edits(changes))
 
 
 def is_fw(rid: int) -> bool:
@@ -198,24 +186,20 @@ def is_fw(rid: int) -> bool:
 
 
 def transplant(dst_data: bytes, src_data: bytes) -> bytes:
-    """The destination's own stream with the source's firmware registers in place of its own.
+    """The destination's own stream with the source's firmware registers in place of its own,
+    in every vCPU's list.
 
     Everything else (system, demux and timer registers, memory, devices) is what the destination
     kernel itself produced, so loading it asks QEMU and the destination kernel about the firmware
-    registers alone: the question hvcpolicy answers. The stream has no lengths around the cpu
-    section's fields, so the cpreg arrays may grow or shrink (a register only one side has).
+    registers alone: the question hvcpolicy answers. The lists may grow or shrink (a register
+    only one side has); the counts and the stream's vmdesc are rewritten to match.
     """
-    ds, dn = cpreg_arrays(dst_data)
-    ss, sn = cpreg_arrays(src_data)
-    d_ids = struct.unpack_from(f">{dn}Q", dst_data, ds)
-    d_vals = struct.unpack_from(f">{dn}Q", dst_data, ds + 8 * dn)
-    s_ids = struct.unpack_from(f">{sn}Q", src_data, ss)
-    s_vals = struct.unpack_from(f">{sn}Q", src_data, ss + 8 * sn)
-    entries = {i: v for i, v in zip(d_ids, d_vals, strict=True) if not is_fw(i)}
-    entries.update({i: v for i, v in zip(s_ids, s_vals, strict=True) if is_fw(i)})
-    ids = sorted(entries)
-    blob = struct.pack(f">i{len(ids)}Q{len(ids)}Q", len(ids), *ids, *(entries[i] for i in ids))
-    return dst_data[: ds - 4] + blob + dst_data[ds + 16 * dn :]
+    dst = parse_stream(dst_data, "destination stream")
+    src_fw = parse_stream(src_data, "source stream").firmware()
+    lists = [
+        {**{i: v for i, v in c.registers.items() if not is_fw(i)}, **src_fw} for c in dst.vcpus
+    ]
+    return replace_lists(dst_data, lists, "destination stream")
 
 
 def variants(fw: dict[int, int]) -> dict[str, dict[int, int]]:
@@ -261,20 +245,29 @@ def save(outdir: str) -> int:
             continue
         with open(state, "rb") as f:
             data = f.read()
-        fw = stream_firmware(data)
+        try:
+            fw = stream_firmware(data)
+            rec["vcpus"] = len(vcpu_firmware(data))
+        except HvcError as e:
+            rec["status"] = "unreadable"
+            rec["error"] = str(e)
+            continue
         rec["registers"] = {f"0x{r:016x}": f"0x{v:x}" for r, v in fw.items()}
         for name, changes in variants(fw).items():
             vstate = os.path.join(outdir, f"state-{version}-{name}.bin")
             vdata = patched(data, changes)
             with open(vstate, "wb") as f:
                 f.write(vdata)
-            vfw = stream_firmware(vdata)
+            per_vcpu = vcpu_firmware(vdata)
             results.append(
                 {
-                    **{k: rec[k] for k in ("qemu", "runstate", "status")},
+                    **{k: rec[k] for k in ("qemu", "runstate", "status", "vcpus")},
                     "variant": name,
                     "state": os.path.basename(vstate),
-                    "registers": {f"0x{r:016x}": f"0x{v:x}" for r, v in vfw.items()},
+                    "registers": {f"0x{r:016x}": f"0x{v:x}" for r, v in per_vcpu[0].items()},
+                    "vcpu_registers": [
+                        {f"0x{r:016x}": f"0x{v:x}" for r, v in fw.items()} for fw in per_vcpu
+                    ],
                 }
             )
     with open(os.path.join(outdir, "save.json"), "w") as f:
@@ -301,7 +294,11 @@ def load(outroot: str, outdir: str) -> int:
             jobs.append((version, source, variant, "full", state))
             if os.path.exists(own):
                 with open(own, "rb") as f, open(state, "rb") as g:
-                    mixed = transplant(f.read(), g.read())
+                    try:
+                        mixed = transplant(f.read(), g.read())
+                    except HvcError as e:
+                        print(json.dumps({"transplant": state, "error": str(e)}), flush=True)
+                        continue
                 path = f"/tmp/fw-{version}-{source}-{variant}.bin"
                 with open(path, "wb") as f:
                     f.write(mixed)
