@@ -242,7 +242,8 @@ def _fields(desc: dict[str, Any], what: str) -> list[tuple[str, int, int]]:
         if not isinstance(f, dict) or not isinstance(f.get("name"), str):
             raise _Bad(f"vmdesc: {what} has a field without a name")
         name = f["name"]
-        out.append((name, _int(f, "size", f"{what}.{name}"), _int(f, "array_len", name, 1)))
+        where = f"{what}.{name}"
+        out.append((name, _int(f, "size", where), _int(f, "array_len", where, 1)))
     return out
 
 
@@ -261,7 +262,9 @@ def _body_size(desc: dict[str, Any], what: str, depth: int = 0) -> int:
         name = sub["vmsd_name"]
         if not (0 < len(name) < 256 and name.isascii()):
             raise _Bad(f"vmdesc: {what} has a subsection with a bad name")
-        total += 6 + len(name) + _body_size(sub, f"{what}/{name}", depth + 1)
+        # name the path down to a few levels: a message stays one short line
+        inner = f"{what}/{name}" if depth < 2 else what
+        total += 6 + len(name) + _body_size(sub, inner, depth + 1)
     return total
 
 

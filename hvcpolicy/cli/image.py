@@ -23,6 +23,7 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         help="a saved guest's firmware registers",
         description="Saved guests: libvirt save images (virsh save, managed save; raw or sparse) "
         "and QEMU migration streams.",
+        epilog="example: hvcpolicy image show /var/lib/libvirt/qemu/save/web1.save",
     )
     images = p.add_subparsers(dest="image_command", metavar="SUBCOMMAND", required=True)
     show = images.add_parser(
