@@ -271,6 +271,12 @@ def _body_size(desc: dict[str, Any], what: str, depth: int = 0) -> int:
 class _Device(Record):
     __slots__ = ("body", "desc", "instance_id", "name", "version")
 
+    @property
+    def early(self) -> bool:
+        """Saved before the RAM (``early_setup``): QEMU names those vmsds ``...-early``."""
+        vmsd = self.desc.get("vmsd_name")
+        return isinstance(vmsd, str) and vmsd.endswith("-early")
+
     def __init__(
         self, name: str, instance_id: int, version: int | None, body: int, desc: dict[str, Any]
     ) -> None:
@@ -378,6 +384,36 @@ def _agree(vcpus: list[VCpu]) -> None:
                 )
 
 
+def _locate(buf: Buffer, devs: list[_Device], first: int, eof_at: int) -> list[VCpu]:
+    """Walk the device sections that end at QEMU_VM_EOF; their vCPUs.
+
+    Normally every device the vmdesc lists sits there. Since QEMU 8.0 a device with
+    ``early_setup`` (virtio-mem's ``virtio-mem-device-early``) is saved before the RAM instead,
+    and listed first: so a leading run of such devices (vmsd names ending ``-early``) may be
+    elsewhere, provided every section of the rest checks out, in order, up to QEMU_VM_EOF.
+    Streams of machine types without section footers are walked without them."""
+    errors: list[str] = []
+    for footers in (True, False):
+        each = [d.header + d.body + (5 if footers else 0) for d in devs]
+        length = sum(each)
+        for skip in range(len(devs)):
+            if skip:
+                length -= each[skip - 1]
+                if not devs[skip - 1].early:
+                    break  # only early-setup devices are saved elsewhere
+            at = eof_at - length
+            if at < first:
+                errors.append("the vmdesc describes more than the stream holds")
+                continue
+            try:
+                vcpus = _walk(buf, devs[skip:], at, eof_at, footers)
+            except _Bad as err:
+                errors.append(str(err))
+                continue
+            return vcpus
+    raise _Bad(errors[0] if errors else "the vmdesc lists no device")
+
+
 def parse_stream(buf: Buffer, where: str, start: int = 0, end: int | None = None) -> Stream:
     """The vCPUs of the QEMU migration stream at ``buf[start:end]`` (``end``: the buffer's end).
 
@@ -408,21 +444,7 @@ def _parse(buf: Buffer, where: str, start: int, end: int) -> Stream:
     eof_at = desc_at - 1
     if _read(buf, eof_at, 1, end)[0] != EOF:
         raise _Bad("no QEMU_VM_EOF before the vmdesc")
-    errors = []
-    for footers in (True, False):
-        length = sum(d.header + d.body + (5 if footers else 0) for d in devs)
-        at = eof_at - length
-        if at < start + 8:
-            errors.append("the vmdesc describes more than the stream holds")
-            continue
-        try:
-            vcpus = _walk(buf, devs, at, eof_at, footers)
-        except _Bad as err:
-            errors.append(str(err))
-            continue
-        break
-    else:
-        raise _Bad(errors[0])
+    vcpus = _locate(buf, devs, start + 8, eof_at)
     if not vcpus:
         raise _Bad("no cpu section: not a guest's stream, or an unknown layout")
     ids = [c.instance_id for c in vcpus]

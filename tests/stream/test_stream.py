@@ -296,3 +296,38 @@ def test_only_the_tail_is_read_and_a_sparse_file_stays_sparse(
     assert [c.registers[TPIDR_EL0] for c in after.stream.vcpus] == [7, 7]
     assert path.stat().st_blocks == blocks
     assert path.stat().st_size == (4 << 30) + 100_000
+
+
+def with_early_device(stream: bytes, vmsd_name: str) -> bytes:
+    """``stream`` with a device saved before the RAM (as QEMU >= 8.0 saves virtio-mem's
+    early_setup state) and listed first in the vmdesc."""
+    s = parse_stream(stream, "seed")
+    doc = json.loads(stream[s.vmdesc_offset + 5 :])
+    name = b"0000:00:02.0/virtio-mem-early"
+    doc["devices"].insert(
+        0,
+        {
+            "name": name.decode(),
+            "instance_id": 0,
+            "vmsd_name": vmsd_name,
+            "version": 1,
+            "fields": [{"name": "bitmap", "type": "uint64", "size": 8}],
+        },
+    )
+    section = b"\x04" + struct.pack(">I", 99) + bytes([len(name)]) + name
+    section += struct.pack(">II", 0, 1) + b"\x11" * 8 + b"\x7e" + struct.pack(">I", 99)
+    text = json.dumps(doc).encode()
+    body = stream[8 : s.vmdesc_offset + 1]
+    return stream[:8] + section + body + struct.pack(">I", len(text)) + text
+
+
+def test_an_early_setup_device_before_the_ram(real_stream: bytes) -> None:
+    s = parse_stream(with_early_device(real_stream, "virtio-mem-device-early"), "early.bin")
+    assert [len(c.registers) for c in s.vcpus] == [
+        len(c.registers) for c in parse_stream(real_stream, "r").vcpus
+    ]
+    # only early-setup devices may be elsewhere: any other is refused
+    with pytest.raises(
+        InvalidInput, match=r"no section header of '0000:00:02\.0/virtio-mem-early'"
+    ):
+        parse_stream(with_early_device(real_stream, "virtio-mem-device"), "late.bin")
