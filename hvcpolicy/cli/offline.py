@@ -17,7 +17,7 @@ from hvcpolicy.cli.common import (
     resolve_subject,
     subject_from_domain,
 )
-from hvcpolicy.errors import EXIT_INVALID, EXIT_OK, EXIT_REFUSED, InvalidInput
+from hvcpolicy.errors import EXIT_INVALID, EXIT_OK, EXIT_REFUSED, InvalidInput, UsageError
 from hvcpolicy.planner import (
     FeatureView,
     Plan,
@@ -313,6 +313,8 @@ def _image_verdict(path: str, dest: Snapshot) -> Verdict:
 def cmd_check_migration(args: argparse.Namespace) -> int:
     dest = load_snapshot(args.to)
     if getattr(args, "image", None) is not None:
+        if args.source:
+            raise UsageError("--from has no meaning with --image: the image carries the registers")
         verdict = _image_verdict(args.image, dest)
         return _report_verdict(args, verdict, dest)
     subject = resolve_subject(args)

@@ -167,6 +167,8 @@ def test_missing_file_and_usage(tmp_path: Path) -> None:
     assert done.returncode == 4 and "nope: cannot open" in done.stderr
     assert hvc("image").returncode == 2
     assert hvc("check-migration", "--image", "x", "--policy", "y", "--to", "z").returncode == 2
+    done = hvc("check-migration", "--image", "x", "--to", N1_61, "--from", N1_61)
+    assert done.returncode == 2 and "--from has no meaning with --image" in done.stderr
 
 
 def test_image_show_is_fast_on_a_large_sparse_image(fw_stream: bytes, tmp_path: Path) -> None:
