@@ -13,7 +13,6 @@ from xml.parsers import expat
 from hvcpolicy import XMLNS
 from hvcpolicy import catalogue as cat
 from hvcpolicy.errors import InvalidInput, bounded
-from hvcpolicy.lean import match_qmp_unix
 from hvcpolicy.policy import Mode, Unknown, is_policy_name, key_text, parse_feature
 from hvcpolicy.record import Record
 
@@ -101,7 +100,7 @@ def qmp_from_args(args: list[str]) -> str | None:
     for i, arg in enumerate(args[:-1]):
         value = args[i + 1]
         if arg in ("-qmp", "--qmp"):
-            path = match_qmp_unix(value)  # ^unix:([^,]+)
+            path = value[5:].split(",", 1)[0] if value.startswith("unix:") else ""
             if path:
                 return path
         elif arg == "-chardev" and value.startswith("socket,"):

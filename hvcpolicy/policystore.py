@@ -11,12 +11,12 @@ validated from scratch.
 
 from __future__ import annotations
 
+import json
 import os
 
 from hvcpolicy import __version__
 from hvcpolicy.errors import InvalidInput, Unavailable
 from hvcpolicy.files import MAX_FILE, read_prefix
-from hvcpolicy.lean import json_loads
 from hvcpolicy.policy import (
     EXTENSIONS,
     Policy,
@@ -57,7 +57,7 @@ def load_cached(ref: str, policy_dir: str, cache_dir: str | None) -> Policy | No
     if raw is None or source is None:
         return None
     try:
-        entry = json_loads(raw)
+        entry = json.loads(raw)
         if (
             entry.get("format") != FORMAT
             or entry.get("tool") != __version__
@@ -94,8 +94,6 @@ def store(policy: Policy, policy_dir: str, cache_dir: str | None) -> bool:
         "policy": current.to_compiled(),
     }
     os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-    import json
-
     from hvcpolicy.files import write_atomic
 
     write_atomic(_entry_path(cache_dir, policy.name), json.dumps(entry), 0o600, f".{policy.name}.")

@@ -6,10 +6,12 @@ hand-written checks here and schemas/snapshot.schema.json agree (tests hold them
 
 from __future__ import annotations
 
+import json
+import re
+
 from hvcpolicy import catalogue as cat
 from hvcpolicy.errors import InvalidInput, bounded
 from hvcpolicy.files import read_bounded
-from hvcpolicy.lean import json_loads, match_qemu_version, match_taken
 from hvcpolicy.record import Record
 
 TYPE_CHECKING = False
@@ -65,13 +67,19 @@ class Snapshot(Record):
         return tuple(sorted(self.registers.items())), self.qemu
 
 
+_QEMU_VERSION = re.compile(r"([0-9]+)\.([0-9]+)(?:\.([0-9]+))?")  # a prefix: "7.2.0-rc1"
+_TAKEN = re.compile(  # RFC 3339, as `host probe` writes it
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
 def qemu_version(text: str | None) -> tuple[int, int, int] | None:
     if text is None:
         return None
-    m = match_qemu_version(text)  # ^(\d+)\.(\d+)(?:\.(\d+))?
+    m = _QEMU_VERSION.match(text)
     if m is None:
         return None
-    return int(m[0]), int(m[1]), int(m[2] or 0)
+    return int(m[1]), int(m[2]), int(m[3] or 0)
 
 
 def parse_snapshot(doc: object, where: str) -> Snapshot:
@@ -95,7 +103,7 @@ def parse_snapshot(doc: object, where: str) -> Snapshot:
     if source not in SOURCES:
         raise InvalidInput(f"source: must be one of {', '.join(SOURCES)}", where)
     taken = doc.get("taken")
-    if taken is not None and (not isinstance(taken, str) or not match_taken(taken)):
+    if taken is not None and (not isinstance(taken, str) or not _TAKEN.fullmatch(taken)):
         raise InvalidInput("taken: must be an RFC 3339 date-time like 2026-11-24T23:00:00Z", where)
     qemu = doc.get("qemu")
     if qemu is not None and (
@@ -130,7 +138,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def decode_json(data: bytes, where: str) -> object:
     """JSON with duplicate keys refused (the last one silently winning is how policies lie)."""
     try:
-        return json_loads(data, object_pairs_hook=_reject_duplicates)
+        return json.loads(data, object_pairs_hook=_reject_duplicates)
     except RecursionError:
         raise InvalidInput("JSON nested too deeply", where) from None
     except (ValueError, UnicodeDecodeError) as err:

@@ -122,10 +122,10 @@ class StartLock:
         where = f"{self.path} (the hook's hand-over)"
         if len(data) > MAX_HANDOVER:
             raise InvalidInput(f"larger than {MAX_HANDOVER} bytes", where)
-        from hvcpolicy.lean import json_loads
+        import json
 
         try:
-            doc = json_loads(data.decode("utf-8"))
+            doc = json.loads(data.decode("utf-8"))
         except ValueError as err:
             raise InvalidInput(f"not JSON: {err}", where) from None
         if not isinstance(doc, dict) or not isinstance(doc.get("element"), str):
@@ -179,14 +179,14 @@ def hand_over(
             pass  # held: its start is alive and waiting for the hand-over
         else:
             return False  # nobody holds it: a start that is gone
-        from hvcpolicy.lean import json_dumps
+        import json
 
         doc = {
             "before": {str(k): v for k, v in before.items()},
             "after": {str(k): v for k, v in after.items()},
             "element": element,
         }
-        payload = json_dumps(doc).encode("utf-8")
+        payload = json.dumps(doc).encode("utf-8")
         os.ftruncate(fd, 0)
         os.pwrite(fd, payload, 0)
         return True

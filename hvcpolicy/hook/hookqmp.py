@@ -103,7 +103,7 @@ class HookQMP:
 
     def _message(self, deadline: float) -> dict[str, Any]:
         """The next message, whole, before ``deadline`` (TimeoutError past it)."""
-        from hvcpolicy.lean import json_loads  # json imports re and compiles its patterns
+        import json
 
         while True:
             end = self.buf.find(b"\n", self._scanned)
@@ -127,7 +127,7 @@ class HookQMP:
         del self.buf[: end + 1]
         self._scanned = 0
         try:
-            doc = json_loads(line)
+            doc = json.loads(line)
         except (ValueError, RecursionError):
             raise Unavailable(f"QMP {self.path}: not JSON: {line[:80]!r}") from None
         if not isinstance(doc, dict):
@@ -172,10 +172,10 @@ class HookQMP:
         deadline: float | None = None,
     ) -> Any:
         """Run one command; its reply within ``timeout`` (or ``deadline``) as a whole."""
+        import json
         import time
 
         from hvcpolicy.errors import QMPTimeout
-        from hvcpolicy.lean import json_dumps
 
         if deadline is None:
             deadline = time.monotonic() + self.timeout
@@ -183,7 +183,7 @@ class HookQMP:
         if arguments is not None:
             msg["arguments"] = arguments
         try:
-            self._send(json_dumps(msg).encode(), deadline)
+            self._send(json.dumps(msg).encode(), deadline)
             while True:
                 reply = self._message(deadline)
                 if reply.get("id") != msg["id"] or "event" in reply:
@@ -197,17 +197,17 @@ class HookQMP:
     def pipelined(self, name: str, batch: list[dict[str, Any]], expect: Any = None) -> list[Any]:
         """Send every command of ``batch`` at once, then collect the replies by id: one round
         trip plus QEMU's work, not one round trip per vCPU. ``timeout`` bounds the batch."""
+        import json
         import time
 
         from hvcpolicy.errors import QMPTimeout
-        from hvcpolicy.lean import json_dumps
 
         deadline = time.monotonic() + self.timeout
         msgs = [{"execute": name, "arguments": a, "id": self._next_id()} for a in batch]
         wanted = {str(m["id"]) for m in msgs}
         replies: dict[str, dict[str, Any]] = {}
         try:
-            self._send("".join(json_dumps(m) for m in msgs).encode(), deadline)
+            self._send("".join(json.dumps(m) for m in msgs).encode(), deadline)
             while len(replies) < len(msgs):
                 reply = self._message(deadline)
                 rid = reply.get("id")
