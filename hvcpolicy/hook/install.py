@@ -1,6 +1,6 @@
-"""What ``hvcpolicy install-hook`` puts on a host: the hook script (``hooks/qemu``, rendered for
-this Python and this package), the hook's config, the validated policy cache; then libvirtd is
-told (SIGHUP) so it finds the hook."""
+"""What ``hvcpolicy install-hook`` puts on a host: the hook script (``qemu``, next to this module,
+rendered for this Python and this package), the hook's config, the validated policy cache; then
+libvirtd is told (SIGHUP) so it finds the hook."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import os
 from hvcpolicy.errors import Unavailable
 
 HOOK_NAME = "hvcpolicy"
-# Where the hook script's template is found: next to the package (a checkout), or where the
-# Debian and RPM packages put it.
-HOOK_TEMPLATES = ("{pkgparent}/hooks/qemu", "/usr/share/hvcpolicy/hooks/qemu")
+# The hook script's template: package data, next to this module (a checkout, a wheel, the
+# Debian and RPM packages alike).
+HOOK_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qemu")
 
 
 def package_parent() -> str:
@@ -21,17 +21,15 @@ def package_parent() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(hvcpolicy.__file__)))
 
 
-def _template(pkgparent: str) -> str:
-    for pattern in HOOK_TEMPLATES:
-        path = pattern.format(pkgparent=pkgparent)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return f.read()
-    raise Unavailable(
-        "the hook script is not installed (looked in "
-        + ", ".join(p.format(pkgparent=pkgparent) for p in HOOK_TEMPLATES)
-        + ")"
-    )
+def _template() -> str:
+    try:
+        with open(HOOK_TEMPLATE, encoding="utf-8") as f:
+            return f.read()
+    except OSError as err:
+        raise Unavailable(
+            f"the hook script is not installed ({HOOK_TEMPLATE}: {err.strerror}): "
+            "reinstall hvcpolicy"
+        ) from None
 
 
 def _sh_quote(value: str) -> str:
@@ -128,9 +126,7 @@ def install_hook(
     load_config(conf_path)  # what the hook will read must parse and be trusted
     os.makedirs(values["cache_dir"], mode=0o755, exist_ok=True)
     cached = refresh_policy_cache(values["policy_dir"], values["cache_dir"])
-    script = render_hook(
-        _template(pkgparent), python, pkgparent, values["policy_dir"], values["run_dir"]
-    )
+    script = render_hook(_template(), python, pkgparent, values["policy_dir"], values["run_dir"])
     target = os.path.join(hooks_dir, "qemu.d", HOOK_NAME)
     write_atomic(target, script, 0o755)
     out = [f"installed {target} (python {python}, package {pkgparent})", f"config {conf_path}"]

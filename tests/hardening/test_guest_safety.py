@@ -162,7 +162,7 @@ def test_the_shell_prefilter_resets_hvc_xml_head(tmp_path: Path) -> None:
     fake_python.write_text(f'#!/bin/sh\nprintf "%s" "$HVC_XML_HEAD" > {seen}\ncat >> {seen}\n')
     fake_python.chmod(0o755)
     hook = tmp_path / "qemu"
-    text = (REPO / "hooks/qemu").read_text()
+    text = (REPO / "hvcpolicy/hook/qemu").read_text()
     text = text.replace("HVC_PYTHON=/usr/bin/python3", f"HVC_PYTHON={fake_python}")
     text = text.replace("HVC_POLICY_DIR=/etc/hvcpolicy/policies", f"HVC_POLICY_DIR={tmp_path}/p")
     assert f"HVC_PYTHON={fake_python}" in text

@@ -1,6 +1,6 @@
-"""The hook without libvirt: ``hooks/qemu``'s shell pre-filter, and ``hvcpolicy/hook/`` stage by
-stage, run the way libvirt runs them (a separate, isolated process; the XML on stdin) against
-``hvcpolicy simulate``."""
+"""The hook without libvirt: the shell pre-filter (``hvcpolicy/hook/qemu``), and
+``hvcpolicy/hook/`` stage by stage, run the way libvirt runs them (a separate, isolated process;
+the XML on stdin) against ``hvcpolicy simulate``."""
 
 from __future__ import annotations
 
@@ -88,12 +88,12 @@ def audit(env: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-# --- hooks/qemu ---------------------------------------------------------------------------------
+# --- hvcpolicy/hook/qemu -------------------------------------------------------------------------
 
 
 @pytest.fixture()
 def sh_hook(tmp_path: Path) -> Path:
-    """hooks/qemu with HVC_PYTHON replaced by a recorder of what it was given."""
+    """hvcpolicy/hook/qemu with HVC_PYTHON replaced by a recorder of what it was given."""
     rec = tmp_path / "record.py"
     rec.write_text(
         "#!/bin/sh\n"
@@ -102,7 +102,7 @@ def sh_hook(tmp_path: Path) -> Path:
         f"cat > {tmp_path}/rest\n"
     )
     rec.chmod(0o755)
-    text = (REPO / "hooks" / "qemu").read_text()
+    text = (REPO / "hvcpolicy" / "hook" / "qemu").read_text()
     text = text.replace("HVC_PYTHON=/usr/bin/python3", f"HVC_PYTHON={rec}")
     text = text.replace("HVC_POLICY_DIR=/etc/hvcpolicy/policies", f"HVC_POLICY_DIR={tmp_path}")
     script = tmp_path / "qemu"
