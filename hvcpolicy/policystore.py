@@ -101,7 +101,7 @@ def store(policy: Policy, policy_dir: str, cache_dir: str | None) -> bool:
 
 
 def has_policy(directory: str, name: str) -> bool:
-    return any(os.path.isfile(os.path.join(directory, name + ext)) for ext in EXTENSIONS)
+    return policy_path(name, directory) is not None
 
 
 def resolve(

@@ -32,14 +32,11 @@ def _template() -> str:
         ) from None
 
 
-def _sh_quote(value: str) -> str:
-    return "'" + value.replace("'", "'\\''") + "'"
-
-
 def render_hook(
     template: str, python: str, pkgparent: str, policy_dir: str, run_dir: str = "/run/hvcpolicy"
 ) -> str:
-    import re
+    """The hook script with its four settings (one ``KEY=`` line each) for this machine."""
+    import shlex
 
     settings = {
         "HVC_PYTHON": python,
@@ -47,12 +44,13 @@ def render_hook(
         "HVC_POLICY_DIR": policy_dir,
         "HVC_RUN_DIR": run_dir,
     }
-    out = template
+    lines = template.splitlines(keepends=True)
     for key, value in settings.items():
-        out, n = re.subn(rf"^{key}=.*$", f"{key}={_sh_quote(value)}", out, count=1, flags=re.M)
-        if n != 1:
-            raise Unavailable(f"hook template has no {key}= line")
-    return out
+        at = [i for i, line in enumerate(lines) if line.startswith(f"{key}=")]
+        if len(at) != 1:
+            raise Unavailable(f"hook template has no single {key}= line")
+        lines[at[0]] = f"{key}={shlex.quote(value)}\n"
+    return "".join(lines)
 
 
 def write_config(path: str, updates: dict[str, str | None]) -> dict[str, str]:

@@ -4,6 +4,7 @@ working ``hvcpolicy`` and hook; the .rpm builds with rpmbuild. Run as root (CI d
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -235,7 +236,7 @@ def test_wheel_installs_a_working_hook(tmp_path: Path) -> None:
     ], cwd=tmp_path)  # fmt: skip
     assert "policy cache" in out and "fleet-2026" in out
     hook_path = tmp_path / "hooks" / "qemu.d" / "hvcpolicy"
-    assert f"HVC_PKGDIR='{site}'" in hook_path.read_text()
+    assert f"HVC_PKGDIR={shlex.quote(str(site))}\n" in hook_path.read_text()
 
     # libvirt's view: the hook under the system config, /etc/hvcpolicy/hook.conf
     script = tmp_path / "calls.sh"
