@@ -55,13 +55,12 @@ def render_hook(
 
 def write_config(path: str, updates: dict[str, str | None]) -> dict[str, str]:
     """Update (or create) the hook config with ``updates``; -> every value it now holds."""
-    from hvcpolicy.files import write_atomic
-    from hvcpolicy.hook.config import DEFAULTS, parse_config
+    from hvcpolicy.files import read_bounded, write_atomic
+    from hvcpolicy.hook.config import DEFAULTS, MAX_CONF, parse_config
 
     current: dict[str, str] = dict(DEFAULTS)
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            current = parse_config(f.read(), path)
+        current = parse_config(read_bounded(path, MAX_CONF).decode("utf-8", "replace"), path)
     for key, value in updates.items():
         if value is not None:
             current[key] = value
@@ -91,12 +90,12 @@ def reload_libvirtd(pid_file: str) -> str:
     """SIGHUP the libvirtd of ``pid_file`` (checked to be libvirtd), so it finds the hook."""
     try:
         with open(pid_file, encoding="ascii") as f:
-            pid = int(f.read().strip() or "0")
+            pid = int(f.read(32).strip() or "0")
     except (OSError, ValueError):
         return f"no libvirtd pid in {pid_file}: start (or restart) libvirtd to load the hook"
     try:
         with open(f"/proc/{pid}/comm", encoding="ascii") as f:
-            comm = f.read().strip()
+            comm = f.read(64).strip()
     except OSError:
         return f"libvirtd ({pid_file}: {pid}) is not running: it finds the hook when it starts"
     if comm not in ("libvirtd", "virtqemud"):
