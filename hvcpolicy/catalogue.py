@@ -6,15 +6,14 @@ Pure data, from reference/kvm-arm64-firmware-registers.md. Register ids are ints
 
 from __future__ import annotations
 
-from hvcpolicy.lean import match_hex, match_psci
+import re
+from enum import Enum
+
 from hvcpolicy.record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
-    from enum import Enum
-else:  # enum costs the hook more than the interpreter's start-up (hvcpolicy/lean.py)
-    from hvcpolicy.lean import Enum
 
 KVM_REG_ARM64 = 0x6000000000000000
 KVM_REG_SIZE_U64 = 0x0030000000000000
@@ -146,12 +145,16 @@ PSCI_1_3 = 0x10003
 PSCI_VERSIONS_0_2_AND_LATER = (PSCI_0_2, PSCI_1_0, PSCI_1_1, PSCI_1_2, PSCI_1_3)
 
 
+_PSCI_TEXT = re.compile(r"(0|[1-9][0-9]{0,4})\.(0|[1-9][0-9]{0,4})")
+_HEX_TEXT = re.compile(r"0x[0-9a-fA-F]{1,16}")
+
+
 def psci_parse(text: str) -> int | None:
     """Parse "1.1" -> 0x10001; None when not of the form MAJOR.MINOR."""
-    m = match_psci(text)  # ^(0|[1-9][0-9]{0,4})\.(0|[1-9][0-9]{0,4})$
+    m = _PSCI_TEXT.fullmatch(text)
     if m is None:
         return None
-    major, minor = int(m[0]), int(m[1])
+    major, minor = int(m[1]), int(m[2])
     if major > 0x7FFF or minor > 0xFFFF:
         return None
     return (major << 16) | minor
@@ -199,7 +202,7 @@ def fmt_value(value: int) -> str:
 
 def parse_hex(text: str) -> int | None:
     """A u64 written as ``0x`` hex; None when it is not one."""
-    if not isinstance(text, str) or not match_hex(text):  # ^0x[0-9a-fA-F]{1,16}$
+    if not isinstance(text, str) or not _HEX_TEXT.fullmatch(text):
         return None
     return int(text, 16)
 

@@ -13,7 +13,6 @@ from xml.parsers import expat
 from hvcpolicy import XMLNS
 from hvcpolicy import catalogue as cat
 from hvcpolicy.errors import InvalidInput, bounded
-from hvcpolicy.lean import match_qmp_unix
 from hvcpolicy.policy import Mode, Unknown, is_policy_name, key_text, parse_feature
 from hvcpolicy.record import Record
 
@@ -101,7 +100,7 @@ def qmp_from_args(args: list[str]) -> str | None:
     for i, arg in enumerate(args[:-1]):
         value = args[i + 1]
         if arg in ("-qmp", "--qmp"):
-            path = match_qmp_unix(value)  # ^unix:([^,]+)
+            path = value[5:].split(",", 1)[0] if value.startswith("unix:") else ""
             if path:
                 return path
         elif arg == "-chardev" and value.startswith("socket,"):
@@ -393,3 +392,12 @@ def render_policy(meta: DomainPolicy) -> str:
 
 def with_applied(meta: DomainPolicy, applied: Applied) -> DomainPolicy:
     return meta.replace(applied=applied)
+
+
+def unprefixed(element: str) -> str:
+    """``<hvc:policy xmlns:hvc=...>`` as libvirt's metadata API wants it: without the prefix
+    and declaration (libvirt adds both from the key and URI it is given)."""
+    import re
+
+    element = element.replace(f' xmlns:hvc="{XMLNS}"', "", 1)
+    return re.sub(r"<(/?)hvc:", r"<\1", element)

@@ -8,17 +8,16 @@ implements, and each mitigation register reads the host's level.
 
 from __future__ import annotations
 
+import re
+from enum import Enum
+
 from hvcpolicy import catalogue as cat
 from hvcpolicy.catalogue import Kind
-from hvcpolicy.lean import match_version
 from hvcpolicy.record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from enum import Enum
-else:  # enum costs the hook more than the interpreter's start-up (hvcpolicy/lean.py)
-    from hvcpolicy.lean import Enum
 
 
 class Errno(Enum):
@@ -142,10 +141,13 @@ class Host(Record):
 # --- what each kernel version lists (used to describe hosts we have no dump of) --------------
 
 
+_VERSION = re.compile(r"([0-9]+)\.([0-9]+)")  # a prefix: the rest is the distribution's
+
+
 def parse_version(release: str) -> tuple[int, int] | None:
     """``6.1.172-216.329.amzn2023.aarch64`` -> (6, 1)."""
-    m = match_version(release)  # ^(\d+)\.(\d+)
-    return (int(m[0]), int(m[1])) if m else None
+    m = _VERSION.match(release)
+    return (int(m[1]), int(m[2])) if m else None
 
 
 def default_psci(version: tuple[int, int]) -> int:

@@ -103,7 +103,7 @@ def read_registers(dom: Any) -> dict[int, int]:
 
 def read_registers_qmp(socket: str, timeout: float) -> dict[int, int]:
     """The same over the domain's own ``<hvc:qmp>`` socket (every wait bounded)."""
-    from hvcpolicy.hook import HookQMP
+    from hvcpolicy.hook.hookqmp import HookQMP  # flow: status reads through qmp.py
 
     with HookQMP(socket, timeout) as qmp:
         return dict(qmp.read_every_vcpu())

@@ -3,34 +3,36 @@
 A policy on disk is YAML or JSON, checked against schemas/policy.schema.json and then for meaning
 (feature names, ``REGID:BIT`` forms, the name against the file's stem). Parsing YAML and compiling
 the schema are the slow part: ``Policy.to_compiled`` / ``from_compiled`` let a cache (see
-``policycache``) skip them without trusting anything that changed since.
+``policystore``) skip them without trusting anything that changed since.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from enum import Enum
 
 from hvcpolicy import catalogue as cat
 from hvcpolicy.errors import InvalidInput, bounded
-from hvcpolicy.lean import match_name
+from hvcpolicy.files import read_bounded
 from hvcpolicy.record import Record
-from hvcpolicy.snapshot import decode_json, read_bounded
+from hvcpolicy.snapshot import decode_json
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from enum import Enum
     from typing import Any
-else:  # enum costs the hook more than the interpreter's start-up (hvcpolicy/lean.py)
-    from hvcpolicy.lean import Enum
 
 API_VERSION = "hvcpolicy/v1"
 KIND = "FirmwarePolicy"
 DEFAULT_POLICY_DIR = "/etc/hvcpolicy/policies"
 DEFAULT_NAME = "default"
 EXTENSIONS = (".yaml", ".yml", ".json")
-# A policy name: ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z (\Z, not $: "$" also matches before a
-# trailing newline, and "fleet-2026\n" would pass). lean.match_name is that pattern, without re.
-is_policy_name = match_name
+# A policy name, the whole string (fullmatch: "fleet-2026\n" is not one).
+_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def is_policy_name(text: str) -> bool:
+    return _NAME.fullmatch(text) is not None
 
 
 class Mode(Enum):

@@ -6,11 +6,12 @@ hand-written checks here and schemas/snapshot.schema.json agree (tests hold them
 
 from __future__ import annotations
 
-import os
+import json
+import re
 
 from hvcpolicy import catalogue as cat
 from hvcpolicy.errors import InvalidInput, bounded
-from hvcpolicy.lean import json_loads, match_qemu_version, match_taken
+from hvcpolicy.files import read_bounded
 from hvcpolicy.record import Record
 
 TYPE_CHECKING = False
@@ -66,13 +67,19 @@ class Snapshot(Record):
         return tuple(sorted(self.registers.items())), self.qemu
 
 
+_QEMU_VERSION = re.compile(r"([0-9]+)\.([0-9]+)(?:\.([0-9]+))?")  # a prefix: "7.2.0-rc1"
+_TAKEN = re.compile(  # RFC 3339, as `host probe` writes it
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
 def qemu_version(text: str | None) -> tuple[int, int, int] | None:
     if text is None:
         return None
-    m = match_qemu_version(text)  # ^(\d+)\.(\d+)(?:\.(\d+))?
+    m = _QEMU_VERSION.match(text)
     if m is None:
         return None
-    return int(m[0]), int(m[1]), int(m[2] or 0)
+    return int(m[1]), int(m[2]), int(m[3] or 0)
 
 
 def parse_snapshot(doc: object, where: str) -> Snapshot:
@@ -96,7 +103,7 @@ def parse_snapshot(doc: object, where: str) -> Snapshot:
     if source not in SOURCES:
         raise InvalidInput(f"source: must be one of {', '.join(SOURCES)}", where)
     taken = doc.get("taken")
-    if taken is not None and (not isinstance(taken, str) or not match_taken(taken)):
+    if taken is not None and (not isinstance(taken, str) or not _TAKEN.fullmatch(taken)):
         raise InvalidInput("taken: must be an RFC 3339 date-time like 2026-11-24T23:00:00Z", where)
     qemu = doc.get("qemu")
     if qemu is not None and (
@@ -131,25 +138,11 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def decode_json(data: bytes, where: str) -> object:
     """JSON with duplicate keys refused (the last one silently winning is how policies lie)."""
     try:
-        return json_loads(data, object_pairs_hook=_reject_duplicates)
+        return json.loads(data, object_pairs_hook=_reject_duplicates)
     except RecursionError:
         raise InvalidInput("JSON nested too deeply", where) from None
     except (ValueError, UnicodeDecodeError) as err:
         raise InvalidInput(f"not valid JSON: {bounded(str(err), 120)}", where) from None
-
-
-MAX_FILE = 1 << 20
-
-
-def read_bounded(path: str) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_FILE + 1)
-    except OSError as err:
-        raise InvalidInput(f"cannot read: {err.strerror}", path) from None
-    if len(data) > MAX_FILE:
-        raise InvalidInput(f"larger than {MAX_FILE} bytes", path)
-    return data
 
 
 def load_snapshot(path: str) -> Snapshot:
@@ -164,23 +157,9 @@ def dumps(snap: Snapshot) -> str:
 
 def save_snapshot(snap: Snapshot, path: str) -> None:
     """Write atomically: a reader sees the old file or the new one, never a torn one."""
-    import contextlib
-    import tempfile
+    from hvcpolicy.files import write_atomic
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".host.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(dumps(snap))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, dumps(snap), 0o644, ".host.")
 
 
 # --- baseline ------------------------------------------------------------------------------

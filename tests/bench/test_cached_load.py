@@ -1,4 +1,4 @@
-"""policycache.load_policy_cached: what load_policy answers, from the validated cache when it holds
+"""policystore.resolve: what load_policy answers, from the validated cache when it holds
 the policy exactly as its file is now; never stale, never from an untrusted entry."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from hvcpolicy.errors import InvalidInput
 from hvcpolicy.policy import load_policy
-from hvcpolicy.policycache import load_policy_cached, store
+from hvcpolicy.policystore import resolve, store
 from tests.conftest import EXAMPLES
 
 
@@ -45,7 +45,7 @@ def test_a_hit_skips_validation_and_equals_load_policy(
     want = load_policy("fleet-2026", pdir)
     assert store(want, pdir, cdir)
     slow = _validated(monkeypatch)
-    assert load_policy_cached("fleet-2026", pdir, cdir) == want
+    assert resolve("fleet-2026", pdir, cdir) == want
     assert slow == []
 
 
@@ -54,31 +54,31 @@ def test_a_miss_an_edit_or_a_tampered_entry_validates_again(
 ) -> None:
     pdir, cdir = dirs
     slow = _validated(monkeypatch)
-    assert load_policy_cached("fleet-2026", pdir, cdir) == load_policy("fleet-2026", pdir)
+    assert resolve("fleet-2026", pdir, cdir) == load_policy("fleet-2026", pdir)
     assert len(slow) == 2  # nothing cached yet: validated like load_policy
     store(load_policy("fleet-2026", pdir), pdir, cdir)
     path = Path(pdir) / "fleet-2026.yaml"
     path.write_text(path.read_text().replace("ptp: allow", "ptp: deny"))
-    fresh = load_policy_cached("fleet-2026", pdir, cdir)
+    fresh = resolve("fleet-2026", pdir, cdir)
     assert fresh == load_policy("fleet-2026", pdir)  # the edit, not the cached policy
     store(fresh, pdir, cdir)
     entry = Path(cdir) / "fleet-2026.json"
     os.chmod(entry, 0o620)  # group-writable: not trusted
     del slow[:]
-    assert load_policy_cached("fleet-2026", pdir, cdir) == fresh
+    assert resolve("fleet-2026", pdir, cdir) == fresh
     assert slow, "an untrusted cache entry was used"
     path.write_text(path.read_text().replace("ptp: deny", "ptp: bogus"))
     with pytest.raises(InvalidInput):
-        load_policy_cached("fleet-2026", pdir, cdir)
+        resolve("fleet-2026", pdir, cdir)
 
 
 def test_paths_and_unknown_names_are_load_policy(dirs: tuple[str, str]) -> None:
     pdir, cdir = dirs
     file = os.path.join(pdir, "fleet-2026.yaml")
-    assert load_policy_cached(file, None, cdir) == load_policy(file)
+    assert resolve(file, None, cdir) == load_policy(file)
     with pytest.raises(InvalidInput) as ours:
-        load_policy_cached("nope", pdir, cdir)
+        resolve("nope", pdir, cdir)
     with pytest.raises(InvalidInput) as theirs:
         load_policy("nope", pdir)
     assert str(ours.value) == str(theirs.value)
-    assert load_policy_cached("fleet-2026", pdir, None) == load_policy("fleet-2026", pdir)
+    assert resolve("fleet-2026", pdir, None) == load_policy("fleet-2026", pdir)

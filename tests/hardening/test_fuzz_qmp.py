@@ -25,7 +25,7 @@ assert HANG_SECONDS > 8 * TIMEOUT
 
 
 def _hook_session(path: str) -> None:
-    from hvcpolicy.hook import HookQMP
+    from hvcpolicy.hook.hookqmp import HookQMP
     from hvcpolicy.planner import plan_start, verify
 
     policy = operator_policies()[0]

@@ -4,6 +4,7 @@ working ``hvcpolicy`` and hook; the .rpm builds with rpmbuild. Run as root (CI d
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -82,7 +83,9 @@ def test_deb_contents(deb: Path) -> None:
         "./etc/hvcpolicy/policies/",
         "./usr/share/hvcpolicy/schemas/policy.schema.json",
         "./usr/lib/python3/dist-packages/hvcpolicy/schemas/policy.schema.json",
-        "./usr/lib/python3/dist-packages/hvcpolicy/hook.py",
+        "./usr/lib/python3/dist-packages/hvcpolicy/hook/entry.py",
+        "./usr/lib/python3/dist-packages/hvcpolicy/hook/qemu",
+        "./usr/lib/python3/dist-packages/qemu/qmp/__init__.py",
         "./lib/systemd/system/hvcpolicy-probe.service",
     ):
         assert path in files, path
@@ -159,6 +162,10 @@ def test_installed_deb_gives_a_working_command_and_hook(installed: Path) -> None
     assert "domain=pkg-guest" in audit and "outcome=refused" in audit
     # the first run validated with Debian's PyYAML/jsonschema and cached the result
     assert (tmp / "cache" / "fleet-2026.json").exists()
+    # the hook's interpreter (-I -S, the package directory its only addition) finds qemu.qmp
+    entry = "import sys; sys.path.insert(0, sys.argv[1]); import qemu.qmp; print(qemu.qmp.__name__)"
+    found = run(["/usr/bin/python3", "-I", "-S", "-c", entry, "/usr/lib/python3/dist-packages"])
+    assert found.strip() == "qemu.qmp"
 
 
 def test_rpm_builds(tmp_path: Path) -> None:
@@ -185,4 +192,77 @@ def test_rpm_builds(tmp_path: Path) -> None:
         "/usr/share/hvcpolicy/schemas/policy.schema.json",
     ):
         assert path in files, path
-    assert "/site-packages/hvcpolicy/hook.py" in files
+    assert "/site-packages/hvcpolicy/hook/entry.py" in files
+
+
+# --- the wheel: `pip install hvcpolicy`, then `hvcpolicy install-hook` ------------------------
+
+WHEEL_DOMAIN = DOMAIN.replace("pkg-guest", "wheel-guest")
+
+
+def test_wheel_installs_a_working_hook(tmp_path: Path) -> None:
+    """A wheel (not an editable install) carries the hook script and the schemas: installed in a
+    fresh venv, its ``install-hook`` writes a hook that runs from the venv's site-packages under
+    ``-I -S`` (qemu.qmp found there too), ignores what it should and enforces a policy."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.fail("the installed hook reads /etc/hvcpolicy: run as root, with unshare(1)")
+    src = source_tree(tmp_path / "src")
+    dist = tmp_path / "dist"
+    run(["/usr/bin/python3", "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(src)])
+    wheels = list(dist.glob(f"hvcpolicy-{VERSION}-*.whl"))
+    assert len(wheels) == 1
+    venv = tmp_path / "venv"
+    run(["/usr/bin/python3", "-m", "venv", str(venv)])
+    run([str(venv / "bin" / "pip"), "install", "-q", str(wheels[0])])
+    where = run(
+        [str(venv / "bin" / "python"), "-c", "import hvcpolicy; print(hvcpolicy.__file__)"],
+        cwd=tmp_path,  # not a checkout: the installed package
+    )
+    site = Path(where.strip()).parent.parent
+    assert site.name == "site-packages" and str(site).startswith(str(venv))
+
+    etc = tmp_path / "etc"  # /etc/hvcpolicy of a private mount namespace, below
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    shutil.copy(REPO / "examples" / "policies" / "fleet-2026.yaml", policies)
+    shutil.copy(REPO / "examples" / "hosts" / "neoverse-n1_linux-6.18.json", tmp_path / "host.json")
+    (etc / "upper" / "hvcpolicy").mkdir(parents=True)
+    (etc / "work").mkdir()
+    out = run([
+        str(venv / "bin" / "hvcpolicy"), "install-hook", "--no-reload",
+        "--hooks-dir", str(tmp_path / "hooks"), "--config", str(etc / "upper/hvcpolicy/hook.conf"),
+        "--policy-dir", str(policies), "--host-snapshot", str(tmp_path / "host.json"),
+        "--cache-dir", str(tmp_path / "cache"),
+    ], cwd=tmp_path)  # fmt: skip
+    assert "policy cache" in out and "fleet-2026" in out
+    hook_path = tmp_path / "hooks" / "qemu.d" / "hvcpolicy"
+    assert f"HVC_PKGDIR={shlex.quote(str(site))}\n" in hook_path.read_text()
+
+    # libvirt's view: the hook under the system config, /etc/hvcpolicy/hook.conf
+    script = tmp_path / "calls.sh"
+    script.write_text(
+        "set -u\n"
+        f"mount -t overlay overlay -o lowerdir=/etc,upperdir={etc / 'upper'},"
+        f"workdir={etc / 'work'} /etc\n"
+        "call() { stage=$1; ref=$2; shift 2\n"
+        f'  sed "s/REF/$ref/" {tmp_path / "domain.xml"} | {hook_path} wheel-guest $stage begin - '
+        '2>&1; echo "$stage $ref rc=$?"; }\n'
+        "call stopped fleet-2026\ncall prepare fleet-2026\ncall migrate fleet-2026\n"
+        "call prepare nope\n"
+        f"{site.parent.parent.parent / 'bin' / 'python3'} -I -S -c "
+        f'\'import sys; sys.path.insert(0, "{site}"); import qemu.qmp; print("qmp ok")\'\n'
+    )
+    (tmp_path / "domain.xml").write_text(WHEEL_DOMAIN.format(ref="REF"))
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", str(script)],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LC_ALL": "C"},
+        cwd="/", capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "stopped fleet-2026 rc=0" in lines
+    assert "prepare fleet-2026 rc=0" in lines
+    assert "migrate fleet-2026 rc=0" in lines
+    assert "hvcpolicy: no policy named 'nope' in " + str(policies) in lines
+    assert "prepare nope rc=1" in lines
+    assert "qmp ok" in lines

@@ -175,8 +175,8 @@ def _copy_package(dest: Path) -> None:
     shutil.copytree(
         REPO / "hvcpolicy", dest / "hvcpolicy", ignore=shutil.ignore_patterns("__pycache__")
     )
-    (dest / "hooks").mkdir()
-    shutil.copy2(REPO / "hooks" / "qemu", dest / "hooks" / "qemu")
+    if (REPO / "hooks").is_dir():  # a tree from before the script was package data (bench/)
+        shutil.copytree(REPO / "hooks", dest / "hooks")
     # byte-compiled, as a package install leaves it: a process that may not write bytecode
     # (PYTHONDONTWRITEBYTECODE, or another user) would compile every module on every run
     run([HOOK_PYTHON, "-m", "compileall", "-q", str(dest / "hvcpolicy")])
@@ -184,7 +184,6 @@ def _copy_package(dest: Path) -> None:
         os.chmod(dirpath, 0o755)
         for name in filenames:
             os.chmod(os.path.join(dirpath, name), 0o644)
-    os.chmod(dest / "hooks" / "qemu", 0o755)
 
 
 def _session_user() -> pwd.struct_passwd:
