@@ -15,6 +15,7 @@ Configuration comes from a file, not the environment (libvirt passes only PATH, 
     cache_dir = /var/cache/hvcpolicy
     qmp_timeout = 5
     audit_file =                # optional: also append audit lines here (syslog always)
+    counters_dir =              # decision totals; default: counters/ beside host_snapshot
 
 Stages (SPEC.md section 7): ``prepare`` refuses a policy this host's snapshot cannot satisfy;
 ``started`` acts on the runstate (prelaunch: apply, then a detached child records
@@ -52,6 +53,7 @@ DEFAULTS = {
     "qmp_timeout": "5",
     "audit_file": "",
     "run_dir": "/run/hvcpolicy",
+    "counters_dir": "",
 }
 MAX_CONF = 64 << 10
 STAGES_HANDLED = ("prepare", "started", "migrate", "restore", "reconnect")
@@ -65,6 +67,9 @@ class Config:
         self.cache_dir = values["cache_dir"]
         self.audit_file = values["audit_file"] or None
         self.run_dir = values["run_dir"]
+        self.counters_dir = values["counters_dir"] or os.path.join(
+            os.path.dirname(os.path.abspath(self.host_snapshot)), "counters"
+        )  # counters.default_dir, without importing it before a decision is logged
         try:
             self.qmp_timeout = float(values["qmp_timeout"])
         except ValueError:
@@ -186,9 +191,10 @@ class Hook:
         return load_snapshot(path)
 
     def log(self, outcome: str, warning: bool = False, **fields: str) -> None:
-        from hvcpolicy import audit
+        from hvcpolicy import audit, counters
 
         audit.record({**self.audit, "outcome": outcome, **fields}, self.conf.audit_file, warning)
+        counters.count(self.conf.counters_dir, self.audit["stage"], outcome)
 
 
 def has_policy(directory: str, name: str) -> bool:
