@@ -47,7 +47,7 @@ _STATE_OF_LIVE = {
 
 def escape_label(value: str) -> str:
     """A label value as the format writes it between double quotes. Text that is not valid
-    UTF-8 (a surrogate escape from a hostile name) becomes U+FFFD: a parser must never meet an
+    UTF-8 (a surrogate escape from a hostile name) becomes "?": a parser must never meet an
     escape the format does not define."""
     text = value.encode("utf-8", "replace").decode("utf-8", "replace")
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
