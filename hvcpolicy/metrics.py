@@ -266,6 +266,14 @@ def families(
     if host.snapshot_taken is not None:
         snap_time.add(host.snapshot_taken)
         snap_age.add(max(0.0, host.now - host.snapshot_taken))
+    current = Family(
+        "hvcpolicy_host_snapshot_current",
+        "gauge",
+        "1 when the host snapshot was taken on the running kernel; 0 when on another kernel "
+        "(stale: run `hvcpolicy host probe`).",
+    )
+    if host.snapshot_state == "ok" and host.snapshot_kernel is not None:
+        current.add(1 if host.snapshot_kernel == host.kernel else 0)
 
     npol = Family("hvcpolicy_policies", "gauge", "Policy files in the policy directory.")
     npol.add(len(policies))
@@ -285,7 +293,10 @@ def families(
     )
     for (stage, outcome), n in sorted(decisions.items()):
         total.add(n, stage=stage, outcome=outcome)
-    return [up, state, count, applied_at, info, snap_ok, snap_time, snap_age, npol, valid, total]
+    return [
+        up, state, count, applied_at, info, snap_ok, snap_time, snap_age, current, npol, valid,
+        total,
+    ]  # fmt: skip
 
 
 def exposition(

@@ -3,6 +3,7 @@ working ``hvcpolicy`` and hook; the .rpm builds with rpmbuild. Run as root (CI d
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -84,10 +85,22 @@ def test_deb_contents(deb: Path) -> None:
         "./usr/lib/python3/dist-packages/hvcpolicy/schemas/policy.schema.json",
         "./usr/lib/python3/dist-packages/hvcpolicy/hook.py",
         "./lib/systemd/system/hvcpolicy-probe.service",
+        "./lib/systemd/system/hvcpolicy-metrics.service",
+        "./lib/systemd/system/hvcpolicy-metrics.timer",
     ):
         assert path in files, path
     info = run(["dpkg-deb", "-I", str(deb)])
     assert "python3-yaml" in info and "python3-jsonschema" in info
+    # the metrics timer is enabled and started on install; its service writes Debian's
+    # textfile directory
+    postinst = run(["dpkg-deb", "-I", str(deb), "postinst"])
+    assert "hvcpolicy-metrics.timer" in postinst
+    fs = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(fs.stdout)) as tar:
+        member = tar.extractfile("./lib/systemd/system/hvcpolicy-metrics.service")
+        assert member is not None
+        unit = member.read().decode()
+    assert "--output /var/lib/prometheus/node-exporter/hvcpolicy.prom" in unit
 
 
 @pytest.fixture()
@@ -186,3 +199,27 @@ def test_rpm_builds(tmp_path: Path) -> None:
     ):
         assert path in files, path
     assert "/site-packages/hvcpolicy/hook.py" in files
+    # the metrics service, pointed at the RPM layout's textfile directory
+    for path in (
+        "/usr/lib/systemd/system/hvcpolicy-metrics.service",
+        "/usr/lib/systemd/system/hvcpolicy-metrics.timer",
+    ):
+        assert path in files, path
+    scripts = run(["rpm", "-qp", "--scripts", str(rpms[0])])
+    assert "hvcpolicy-metrics.timer" in scripts
+    unit = _rpm_file(rpms[0], "./usr/lib/systemd/system/hvcpolicy-metrics.service")
+    assert "--output /var/lib/node_exporter/textfile_collector/hvcpolicy.prom" in unit
+    assert "ConditionPathIsDirectory=/var/lib/node_exporter/textfile_collector" in unit
+    assert "/var/lib/prometheus" not in unit
+
+
+def _rpm_file(rpm: Path, member: str) -> str:
+    cpio = subprocess.run(["rpm2cpio", str(rpm)], capture_output=True, check=True, timeout=60)
+    done = subprocess.run(
+        ["cpio", "-i", "--quiet", "--to-stdout", member],
+        input=cpio.stdout,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    return done.stdout.decode()

@@ -94,6 +94,9 @@ def test_names_follow_the_conventions() -> None:
     assert 'hvcpolicy_host_info{host="node-17",kernel="6.18.0-1-arm64",' in out
     assert "hvcpolicy_host_snapshot_age_seconds 100.0" in out
     assert "hvcpolicy_host_snapshot_timestamp_seconds 1800000000.0" in out
+    assert "hvcpolicy_host_snapshot_current 1" in out
+    stale = exposition([], HOST.replace(kernel="6.19.0-1-arm64"), [], {})
+    assert "hvcpolicy_host_snapshot_current 0" in stale
     # a counter without its _total, or a gauge with one, is refused at once
     with pytest.raises(ValueError):
         Family("hvcpolicy_refusals", "counter", "x")
