@@ -20,7 +20,7 @@ from hvcpolicy.domainxml import parse_domain, render_policy
 from hvcpolicy.libvirt_status import DRIFT, MATCH, Row
 from hvcpolicy.metrics import STATES, HostFacts, exposition
 from tests.conftest import REPO
-from tests.libvirt.conftest import SYSTEM_URI, Lab, virsh
+from tests.libvirt.conftest import SYSTEM_QMP_DIR, SYSTEM_URI, Lab, domain_xml, virsh
 from tests.metrics.nodeexporter import NodeExporter, Sample, value
 
 
@@ -202,8 +202,9 @@ def test_every_state_read_back_from_node_exporter(
     broken = lab.policies / "broken-policy.json"
     broken.write_text('{"apiVersion": "hvcpolicy/v1", "kind": "FirmwarePolicy"}')
     broken.chmod(0o644)
+    names: dict[str, str] = {}
     try:
-        names = _host_with_every_state(lab, guest_factory)
+        _host_with_every_state(lab, guest_factory, names)
         out = textfile_dir(tmp_path)
         done = lab.hvcpolicy(
             "status", "--connect", SYSTEM_URI, "--format", "prometheus",
@@ -214,6 +215,9 @@ def test_every_state_read_back_from_node_exporter(
             samples = ne.samples()
     finally:
         broken.unlink()
+        if "no-interface" in names:
+            virsh(SYSTEM_URI, "destroy", names["no-interface"], check=False, timeout=30)
+            virsh(SYSTEM_URI, "undefine", names["no-interface"], check=False, timeout=30)
 
     assert value(samples, "node_textfile_scrape_error") == 0
     assert value(samples, "hvcpolicy_libvirt_up") == 1
@@ -234,6 +238,8 @@ def test_every_state_read_back_from_node_exporter(
         assert n is not None and n >= 1, state
     assert value(samples, "hvcpolicy_host_info", host=os.uname().nodename) == 1
     assert value(samples, "hvcpolicy_host_snapshot_state", state="ok") == 1
+    current = value(samples, "hvcpolicy_host_snapshot_current")  # the fixture's kernel, not ours
+    assert current == (1 if os.uname().release == "6.18.30-61.116.amzn2023.aarch64" else 0)
     assert value(samples, "hvcpolicy_policy_valid", policy="broken-policy") == 0
     assert value(samples, "hvcpolicy_policy_valid", policy="web") == 1
     # the hook's and start's decisions: the counters say what the audit log says
@@ -247,9 +253,8 @@ def test_every_state_read_back_from_node_exporter(
     assert decisions[("prepare", "allowed")] >= 3
 
 
-def _host_with_every_state(lab: Lab, guest_factory: Any) -> dict[str, str]:
-    """-> state: the domain in that state."""
-    names: dict[str, str] = {}
+def _host_with_every_state(lab: Lab, guest_factory: Any, names: dict[str, str]) -> None:
+    """Fill ``names``: state -> the domain in that state."""
     for state in ("match", "drift", "unreachable"):
         g = guest_factory("web")
         lab.hvcpolicy("start", g.name, "--connect", SYSTEM_URI, timeout=180)
@@ -269,13 +274,15 @@ def _host_with_every_state(lab: Lab, guest_factory: Any) -> dict[str, str]:
     virsh(SYSTEM_URI, "start", unmanaged.name)
     names["unmanaged"] = unmanaged.name
     names["not-running"] = guest_factory(None).name
-    # no-interface: a real QEMU, read through libvirt's pass-through, and no <hvc:qmp>
-    noif = guest_factory("status-warn", define=False)
-    xml = lab.root / f"{noif.name}.xml"
-    xml.write_text(re.sub(r"<hvc:qmp [^>]*/>", "", xml.read_text()))
-    virsh(SYSTEM_URI, "define", str(xml))
-    virsh(SYSTEM_URI, "start", noif.name)
-    names["no-interface"] = noif.name
+    # no-interface: a real QEMU, read through libvirt's pass-through, and no <hvc:qmp> (not
+    # from the factory: its simulator would take the QEMU's only QMP connection)
+    noif = f"{names['match']}-noif"  # hvct-*: undefined by the daemon fixture at the latest
+    xml = domain_xml(noif, "status-warn", f"{SYSTEM_QMP_DIR}/{noif}.qmp", "/nonexistent")
+    path = lab.root / f"{noif}.xml"
+    path.write_text(re.sub(r"<hvc:qmp [^>]*/>", "", xml))
+    virsh(SYSTEM_URI, "define", str(path))
+    virsh(SYSTEM_URI, "start", noif)
+    names["no-interface"] = noif
     # invalid: its metadata names a policy that does not exist; its name needs escaping
     bad = guest_factory("web", define=False)
     xml = lab.root / f"{bad.name}.xml"
@@ -288,4 +295,3 @@ def _host_with_every_state(lab: Lab, guest_factory: Any) -> dict[str, str]:
     # a refusal the hook counts: this host lacks what the policy requires
     refused = guest_factory("needs-future")
     assert virsh(SYSTEM_URI, "start", refused.name, check=False).returncode != 0
-    return names
