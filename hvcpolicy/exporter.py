@@ -158,10 +158,12 @@ def write_atomic(path: str, text: str) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    except OSError as err:
+    except BaseException as err:  # never leave the temporary file behind
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise Unavailable(f"{path}: cannot write: {bounded(str(err.strerror), 80)}") from None
+        if isinstance(err, OSError):
+            raise Unavailable(f"{path}: cannot write: {bounded(str(err.strerror), 80)}") from None
+        raise
 
 
 def export(uri: str | None, policy_dir_arg: str | None, timeout: float, output: str | None) -> int:
