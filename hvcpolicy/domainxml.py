@@ -27,16 +27,29 @@ MAX_DEPTH = 64
 MAX_ATTR = 4096
 
 
+# <hvc:applied backend=...>: which enforcement backend wrote the registers (SPEC section 8)
+APPLIED_BACKENDS = ("qmp", "stream")
+
+
 class Applied(Record):
-    """``<hvc:applied>``: every firmware register of the guest as hvcpolicy left it."""
+    """``<hvc:applied>``: every firmware register of the guest as hvcpolicy left it, and which
+    backend enforced it (None: a record written before the attribute existed)."""
 
-    __slots__ = ("at", "host", "kernel", "registers")
+    __slots__ = ("at", "backend", "host", "kernel", "registers")
 
-    def __init__(self, host: str, kernel: str, at: str, registers: dict[int, int]) -> None:
+    def __init__(
+        self,
+        host: str,
+        kernel: str,
+        at: str,
+        registers: dict[int, int],
+        backend: str | None = None,
+    ) -> None:
         self.host = host
         self.kernel = kernel
         self.at = at
         self.registers = registers
+        self.backend = backend
 
 
 class DomainPolicy(Record):
@@ -342,11 +355,19 @@ def _build_applied(attrs: dict[str, str], regs: list[dict[str, str]], where: str
     registers = cat.parse_register_map(
         pairs, where, "<hvc:register id>", lambda rid: f"<hvc:register id={rid!r}>"
     )
+    backend = attrs.get("backend")
+    if backend is not None and backend not in APPLIED_BACKENDS:
+        raise InvalidInput(
+            f"<hvc:applied backend>: {bounded(backend, 40)!r} is not "
+            + " or ".join(APPLIED_BACKENDS),
+            where,
+        )
     return Applied(
         host=attrs.get("host", ""),
         kernel=attrs.get("kernel", ""),
         at=attrs.get("at", ""),
         registers=registers,
+        backend=backend,
     )
 
 
@@ -379,9 +400,10 @@ def render_policy(meta: DomainPolicy) -> str:
         out.append('  <hvc:resume after="apply"/>')
     if meta.applied is not None:
         a = meta.applied
+        backend = "" if a.backend is None else f" backend={quoteattr(a.backend)}"
         out.append(
             f"  <hvc:applied host={quoteattr(a.host)} kernel={quoteattr(a.kernel)} "
-            f"at={quoteattr(a.at)}>"
+            f"at={quoteattr(a.at)}{backend}>"
         )
         for rid, value in sorted(a.registers.items()):
             out.append(f'    <hvc:register id="{cat.fmt_id(rid)}" value="{cat.fmt_value(value)}"/>')

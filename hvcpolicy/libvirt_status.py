@@ -176,6 +176,7 @@ class Row:
                 "host": a.host,
                 "kernel": a.kernel,
                 "at": a.at,
+                "backend": a.backend,
                 "registers": {
                     cat.fmt_id(r): cat.fmt_value(v) for r, v in sorted(a.registers.items())
                 },

@@ -18,6 +18,7 @@ from hvcpolicy.errors import (
     EXIT_REFUSED,
     EXIT_UNAVAILABLE,
     InvalidInput,
+    UsageError,
 )
 
 DIFF_EPILOG = (
@@ -26,7 +27,10 @@ DIFF_EPILOG = (
 )
 # shtab's completion of a file argument, without importing shtab at run time
 FILES = {"bash": "_shtab_compgen_files", "zsh": "_files"}
-STATUS_EPILOG = "example: hvcpolicy status --connect qemu:///system --format json"
+STATUS_EPILOG = (
+    "example: hvcpolicy status --connect qemu:///system --format prometheus "
+    "--output /var/lib/prometheus/node-exporter/hvcpolicy.prom"
+)
 
 
 def register(sub: Any, parent: argparse.ArgumentParser) -> None:
@@ -55,15 +59,21 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
     )
     p.set_defaults(func=cmd_diff)
 
+    from hvcpolicy.cli.main import common_options
+
     p = sub.add_parser(
         "status",
-        parents=[parent],
+        parents=[common_options(("text", "json", "prometheus"))],
         help="every domain with its policy, record and live registers",
         description="List every libvirt domain with the policy it runs under, its <hvc:applied> "
         "record, and whether its live firmware registers (read over libvirt's QMP pass-through, "
         "or the domain's <hvc:qmp> socket when QEMU itself lacks the interface) still match that "
         "record (without a record: what the policy plans). Like `virsh list --all`; --format json "
-        "for monitoring. Exit 0 when every checked domain matches (or QEMU lacks the interface), "
+        "for scripts; --format prometheus for Prometheus (the text exposition format, with the "
+        "host snapshot, the policies and the hook's decision counters, exit 0 once written "
+        "whatever the domains' states, which are in the metrics; --output replaces a file in "
+        "node_exporter's textfile directory atomically). Otherwise: exit 0 when every checked "
+        "domain matches (or QEMU lacks the interface), "
         "3 when one drifted (DRIFT), else 4 when one's metadata or policy is invalid, else 5 "
         "when libvirt or a domain's QMP is unreachable.",
         epilog=STATUS_EPILOG,
@@ -71,6 +81,13 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timeout", type=float, default=5.0, metavar="SECONDS", help="bound on each QMP wait"
     )
+    arg = p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="with --format prometheus: replace FILE (*.prom) atomically instead of printing",
+    )
+    arg.complete = FILES  # read by shtab (scripts/gen-docs.py)
     p.set_defaults(func=cmd_status)
 
 
@@ -141,6 +158,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     from hvcpolicy.cli.common import emit_json
     from hvcpolicy.libvirt_status import collect
 
+    if args.format == "prometheus":
+        from hvcpolicy.errors import HvcError
+        from hvcpolicy.exporter import export
+        from hvcpolicy.hook.config import Config, load_config
+
+        conf: Config | None
+        try:
+            conf = load_config()
+        except HvcError:
+            conf = None  # no hook config: the defaults
+        return export(args.connect, args.policy_dir, args.timeout, args.output, conf)
+    if args.output is not None:
+        raise UsageError("--output goes with --format prometheus")
     rows = collect(args.connect, args.policy_dir, args.timeout)
     if args.format == "json":
         emit_json([r.to_json() for r in rows])

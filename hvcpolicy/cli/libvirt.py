@@ -361,7 +361,7 @@ def _same_inputs_as_hook(conf: Any, policy_dir_arg: str | None, snap_path: str) 
 def _audit(conf: Any, domain: Any, stage: str, outcome: str, **fields: str) -> None:
     """A line the hook (its prepare, its recorder) would have logged, said by ``start``,
     which did that part of the work."""
-    from hvcpolicy import audit
+    from hvcpolicy import audit, counters
 
     line = {
         "domain": domain.name,
@@ -371,6 +371,7 @@ def _audit(conf: Any, domain: Any, stage: str, outcome: str, **fields: str) -> N
         "outcome": outcome,
     }
     audit.record({**line, **fields, "by": "start"}, conf.audit_file)
+    counters.count(conf.counters_dir, stage, outcome)
 
 
 def _verify_applied(

@@ -109,9 +109,10 @@ class _Unbuilt:
         return self
 
 
-def common_options() -> argparse.ArgumentParser:
+def common_options(formats: tuple[str, ...] = ("text", "json")) -> argparse.ArgumentParser:
+    """The options every command takes; ``formats``: the --format choices (status adds one)."""
     parent = _Parser(add_help=False)
-    parent.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+    parent.add_argument("--format", choices=formats, default="text", help="output format")
     parent.add_argument("-v", "--verbose", action="store_true", help="tracebacks and detail")
     parent.add_argument("--connect", metavar="URI", default=None, help="libvirt URI")
     parent.add_argument(

@@ -8,6 +8,7 @@
     cache_dir = /var/cache/hvcpolicy
     qmp_timeout = 5
     audit_file =                # optional: also append audit lines here (syslog always)
+    counters_dir =              # decision totals; default: counters/ beside host_snapshot
     run_dir = /run/hvcpolicy
 """
 
@@ -30,6 +31,7 @@ DEFAULTS = {
     "qmp_timeout": "5",
     "audit_file": "",
     "run_dir": "/run/hvcpolicy",
+    "counters_dir": "",
 }
 MAX_CONF = 64 << 10
 
@@ -42,6 +44,9 @@ class Config:
         self.cache_dir = values["cache_dir"]
         self.audit_file = values["audit_file"] or None
         self.run_dir = values["run_dir"]
+        self.counters_dir = values["counters_dir"] or os.path.join(
+            os.path.dirname(os.path.abspath(self.host_snapshot)), "counters"
+        )  # counters.default_dir, without importing it before a decision is logged
         try:
             self.qmp_timeout = float(values["qmp_timeout"])
         except ValueError:

@@ -73,9 +73,10 @@ class Hook:
         return load_snapshot(path)
 
     def log(self, outcome: str, warning: bool = False, **fields: str) -> None:
-        from hvcpolicy import audit
+        from hvcpolicy import audit, counters
 
         audit.record({**self.audit, "outcome": outcome, **fields}, self.conf.audit_file, warning)
+        counters.count(self.conf.counters_dir, self.audit["stage"], outcome)
 
 
 def regs(registers: Mapping[int, int] | None) -> str:

@@ -23,13 +23,15 @@ _shtab_hvcpolicy_start_option_strings=(-h --help --format -v --verbose --connect
 _shtab_hvcpolicy_install_hook_option_strings=(-h --help --format -v --verbose --connect --policy-dir --hooks-dir --config --python --host-snapshot --cache-dir --audit-file --qmp-timeout --run-dir --pid-file --no-reload)
 _shtab_hvcpolicy_apply_option_strings=(-h --help --format -v --verbose --connect --policy-dir --policy --domain-xml --qmp --dry-run --resume --timeout)
 _shtab_hvcpolicy_diff_option_strings=(-h --help --format -v --verbose --connect --policy-dir --policy)
-_shtab_hvcpolicy_status_option_strings=(-h --help --format -v --verbose --connect --policy-dir --timeout)
+_shtab_hvcpolicy_status_option_strings=(-h --help --format -v --verbose --connect --policy-dir --timeout -o --output)
 _shtab_hvcpolicy_image_show_option_strings=(-h --help --format -v --verbose --connect --policy-dir)
 _shtab_hvcpolicy_image_option_strings=(-h --help --format -v --verbose --connect --policy-dir)
 _shtab_hvcpolicy_option_strings=(-h --help --version)
 
 _shtab_hvcpolicy_diff_pos_0_COMPGEN=_shtab_compgen_files
 _shtab_hvcpolicy_diff_pos_1_COMPGEN=_shtab_compgen_files
+_shtab_hvcpolicy_status__o_COMPGEN=_shtab_compgen_files
+_shtab_hvcpolicy_status___output_COMPGEN=_shtab_compgen_files
 
 _shtab_hvcpolicy_validate___format_choices=(text json)
 _shtab_hvcpolicy_explain___format_choices=(text json)
@@ -46,7 +48,7 @@ _shtab_hvcpolicy_start___format_choices=(text json)
 _shtab_hvcpolicy_install_hook___format_choices=(text json)
 _shtab_hvcpolicy_apply___format_choices=(text json)
 _shtab_hvcpolicy_diff___format_choices=(text json)
-_shtab_hvcpolicy_status___format_choices=(text json)
+_shtab_hvcpolicy_status___format_choices=(text json prometheus)
 _shtab_hvcpolicy_image_show___format_choices=(text json)
 _shtab_hvcpolicy_image_pos_0_choices=(show)
 _shtab_hvcpolicy_image___format_choices=(text json)

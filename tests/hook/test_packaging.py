@@ -3,6 +3,7 @@ working ``hvcpolicy`` and hook; the .rpm builds with rpmbuild. Run as root (CI d
 
 from __future__ import annotations
 
+import io
 import os
 import shlex
 import shutil
@@ -87,10 +88,22 @@ def test_deb_contents(deb: Path) -> None:
         "./usr/lib/python3/dist-packages/hvcpolicy/hook/qemu",
         "./usr/lib/python3/dist-packages/qemu/qmp/__init__.py",
         "./lib/systemd/system/hvcpolicy-probe.service",
+        "./lib/systemd/system/hvcpolicy-metrics.service",
+        "./lib/systemd/system/hvcpolicy-metrics.timer",
     ):
         assert path in files, path
     info = run(["dpkg-deb", "-I", str(deb)])
     assert "python3-yaml" in info and "python3-jsonschema" in info
+    # the metrics timer is enabled and started on install; its service writes Debian's
+    # textfile directory
+    postinst = run(["dpkg-deb", "-I", str(deb), "postinst"])
+    assert "hvcpolicy-metrics.timer" in postinst
+    fs = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(fs.stdout)) as tar:
+        member = tar.extractfile("./lib/systemd/system/hvcpolicy-metrics.service")
+        assert member is not None
+        unit = member.read().decode()
+    assert "--output /var/lib/prometheus/node-exporter/hvcpolicy.prom" in unit
 
 
 @pytest.fixture()
@@ -193,6 +206,20 @@ def test_rpm_builds(tmp_path: Path) -> None:
     ):
         assert path in files, path
     assert "/site-packages/hvcpolicy/hook/entry.py" in files
+    # the metrics service, pointed at the RPM layout's textfile directory
+    for path in (
+        "/usr/lib/systemd/system/hvcpolicy-metrics.service",
+        "/usr/lib/systemd/system/hvcpolicy-metrics.timer",
+    ):
+        assert path in files, path
+    # enabled by the distribution's systemd macros (Debian's rpm has none: its scriptlets are
+    # empty here, so the spec itself is what can be checked)
+    spec = (src / "packaging" / "rpm" / "hvcpolicy.spec").read_text()
+    assert "%systemd_post hvcpolicy-probe.service hvcpolicy-metrics.timer" in spec
+    unit = _rpm_file(rpms[0], "./usr/lib/systemd/system/hvcpolicy-metrics.service")
+    assert "--output /var/lib/node_exporter/textfile_collector/hvcpolicy.prom" in unit
+    assert "ConditionPathIsDirectory=/var/lib/node_exporter/textfile_collector" in unit
+    assert "/var/lib/prometheus" not in unit
 
 
 # --- the wheel: `pip install hvcpolicy`, then `hvcpolicy install-hook` ------------------------
@@ -266,3 +293,15 @@ def test_wheel_installs_a_working_hook(tmp_path: Path) -> None:
     assert "hvcpolicy: no policy named 'nope' in " + str(policies) in lines
     assert "prepare nope rc=1" in lines
     assert "qmp ok" in lines
+
+
+def _rpm_file(rpm: Path, member: str) -> str:
+    cpio = subprocess.run(["rpm2cpio", str(rpm)], capture_output=True, check=True, timeout=60)
+    done = subprocess.run(
+        ["cpio", "-i", "--quiet", "--to-stdout", member],
+        input=cpio.stdout,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    return done.stdout.decode()
