@@ -299,7 +299,7 @@ class QMP:
         if not self.has_interface():
             raise InterfaceMissing(
                 f"{self.where}: this QEMU lacks the firmware-register interface (its vCPUs have "
-                f"no {PROPERTY!r} property)"
+                f"no {PROPERTY} property)"
             )
 
     def read(self) -> list[Registers]:
