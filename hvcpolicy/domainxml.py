@@ -393,3 +393,12 @@ def render_policy(meta: DomainPolicy) -> str:
 
 def with_applied(meta: DomainPolicy, applied: Applied) -> DomainPolicy:
     return meta.replace(applied=applied)
+
+
+def unprefixed(element: str) -> str:
+    """``<hvc:policy xmlns:hvc=...>`` as libvirt's metadata API wants it: without the prefix
+    and declaration (libvirt adds both from the key and URI it is given)."""
+    import re
+
+    element = element.replace(f' xmlns:hvc="{XMLNS}"', "", 1)
+    return re.sub(r"<(/?)hvc:", r"<\1", element)
