@@ -18,12 +18,13 @@ trip plus QEMU's work, not one round trip per vCPU.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from hvcpolicy.catalogue import U64_MAX, fmt_id, fmt_value, is_firmware_reg, reg_name
-from hvcpolicy.errors import InterfaceMissing, QMPError, QMPTimeout, bounded
+from hvcpolicy.errors import InterfaceMissing, QMPError, QMPTimeout, Unavailable, bounded
 from hvcpolicy.firmware import QMP_BACKEND, Registers
 from hvcpolicy.record import Record
 
@@ -115,6 +116,7 @@ class QMP:
         (a QEMU gone, its socket left behind)."""
         from hvcpolicy.trust import check_qmp_socket
 
+        _import_qemu_qmp()
         loop = asyncio.new_event_loop()
         # qemu.qmp's background tasks may end with an exception nobody awaits (a server that
         # garbles or hangs up): that failure is reported as one line, never as a traceback.
@@ -363,6 +365,25 @@ def interface_at(address: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
     cannot be asked at all.)"""
     with QMP(address, timeout) as qmp:
         return qmp.has_interface()
+
+
+def _import_qemu_qmp() -> None:
+    """qemu.qmp, or Unavailable saying how to get it. The hook's ``-I -S`` interpreter finds it
+    beside ``hvcpolicy`` (where the packages ship it); a pip install has it in site-packages,
+    which the hook adds only then (its slow path, as for a policy the cache lacks)."""
+    try:
+        import qemu.qmp
+    except ImportError:
+        from hvcpolicy.policystore import _enable_site
+
+        _enable_site()
+        try:
+            import qemu.qmp  # noqa: F401 - imported for its side effect: importable now
+        except ImportError as err:
+            raise Unavailable(
+                f"this Python ({sys.executable}) cannot import qemu.qmp, hvcpolicy's QMP library "
+                f"({err}): install hvcpolicy's package, or `pip install qemu.qmp`"
+            ) from None
 
 
 # --- the one edge where qemu.qmp's exceptions become hvcpolicy's ----------------------------------
