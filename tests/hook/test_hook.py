@@ -556,3 +556,23 @@ def test_sh_started_takes_no_answer_from_files_it_does_not_own(sh_hook: Path, fo
         done = run_sh(sh_hook, "started", domain("fleet-2026"))
     assert done.returncode == 0 and served == []
     assert (sh_hook.parent / "argv").exists()  # Python ran the stage
+
+
+# --- one flow: the stages read back and verify as apply and start do -------------------------
+
+
+def test_started_inmigrate_reads_back_every_vcpu(env: Path) -> None:
+    """inmigrate writes too, so it reads back every vCPU as prelaunch does (the hook once wrote
+    and never looked): a vCPU still reading the old value fails the stage (libvirt stops QEMU)."""
+    sock = str(env / "qmp.sock")
+    args = ("--runstate", "inmigrate", "--vcpus", "2")
+    with simulator_process(sock, "6.18", *args, "--fault", "vcpu-disagree"):
+        failed = run_hook(env, "started", domain("noptp", sock))
+    assert failed.returncode == 1, failed.stderr
+    assert "the write did not hold" in failed.stderr and "vCPU 1" in failed.stderr
+    with simulator_process(sock, "6.18", *args):
+        done = run_hook(env, "started", domain("noptp", sock))
+    assert done.returncode == 0, done.stderr
+    line = [x for x in audit(env) if "stage=started/inmigrate" in x][-1]
+    assert "outcome=applied" in line  # one vocabulary: applied, read back on every vCPU
+    assert "0x6030000000160002=0x1" in line.split(" after=")[1]  # ptp cleared, as read back
