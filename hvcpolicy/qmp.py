@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 DEFAULT_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 1.0  # a local close; never worth the whole timeout
 RETRY_PAUSE = 0.02  # the socket may not exist yet (QEMU, or a proxy, still creating it)
+MAX_MESSAGE = 1 << 20  # one QMP message, at most (64 vCPUs' registers: ~10 KiB)
 PROPERTY = "kvm-firmware-registers"
 
 T = TypeVar("T")
@@ -138,7 +139,7 @@ class QMP:
             raise
 
     async def _open(self, deadline: float) -> QMPClient:
-        client = _client_class()("hvcpolicy")
+        client = _client_class()("hvcpolicy", readbuflen=MAX_MESSAGE)
         left = max(deadline - time.monotonic(), 0.001)
         try:
             await asyncio.wait_for(client.connect(self.address), left)
