@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from hvcpolicy.catalogue import U64_MAX, fmt_id, fmt_value, is_firmware_reg, reg_name
 from hvcpolicy.errors import InterfaceMissing, QMPError, QMPTimeout, Unavailable, bounded
 from hvcpolicy.firmware import QMP_BACKEND, Registers
+from hvcpolicy.firmware import QMP_PROPERTY as PROPERTY
 from hvcpolicy.record import Record
 
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ DEFAULT_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 1.0  # a local close; never worth the whole timeout
 RETRY_PAUSE = 0.02  # the socket may not exist yet (QEMU, or a proxy, still creating it)
 MAX_MESSAGE = 1 << 20  # one QMP message, at most (64 vCPUs' registers: ~10 KiB)
-PROPERTY = "kvm-firmware-registers"
 
 T = TypeVar("T")
 
