@@ -323,7 +323,7 @@ def _verify_path(
         return
     state = "already running" if result.runstate == "running" else result.runstate
     text = (
-        f"the guest is {state} (its vCPUs may have run), so it is too late to write; its "
+        f"the guest is {state} (its vCPUs may have run), so hvcpolicy does not write; its "
         f"firmware registers differ from {result.basis}: {'; '.join(result.mismatches)}"
     )
     if policy.already_running == "warn":
