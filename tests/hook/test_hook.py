@@ -576,3 +576,18 @@ def test_started_inmigrate_reads_back_every_vcpu(env: Path) -> None:
     line = [x for x in audit(env) if "stage=started/inmigrate" in x][-1]
     assert "outcome=applied" in line  # one vocabulary: applied, read back on every vCPU
     assert "0x6030000000160002=0x1" in line.split(" after=")[1]  # ptp cleared, as read back
+
+
+def test_started_without_qemu_qmp_fails_closed_in_one_line(env: Path) -> None:
+    """The QMP stages need qemu.qmp (beside the package, as the .deb ships it, else from
+    site-packages): a Python without it fails the stage with one line saying so."""
+    run = env / "run.py"
+    run.write_text(
+        "import sys\nsys.modules['qemu'] = None  # qemu.qmp not installed\n" + run.read_text()
+    )
+    sock = str(env / "qmp.sock")
+    with simulator_process(sock, "6.18"):
+        done = run_hook(env, "started", domain("noptp", sock))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "cannot import qemu.qmp" in done.stderr and "pip install qemu.qmp" in done.stderr
