@@ -58,10 +58,11 @@ STAGES = frozenset(
 OUTCOMES = frozenset(
     (
         "allowed",
+        # the flow's vocabulary (enforce.OUTCOMES; tests hold the two together)
         "applied",
-        "cleared",
-        "nothing-to-clear",
+        "unchanged",
         "verified",
+        "dry-run",
         "differs",
         "differs-warned",
         "unsupported-qemu-warned",

@@ -66,9 +66,9 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         parents=[common_options(("text", "json", "prometheus"))],
         help="every domain with its policy, record and live registers",
         description="List every libvirt domain with the policy it runs under, its <hvc:applied> "
-        "record, and whether its live firmware registers (read over libvirt's QMP pass-through, "
-        "or the domain's <hvc:qmp> socket when QEMU itself lacks the interface) still match that "
-        "record (without a record: what the policy plans). Like `virsh list --all`; --format json "
+        "record, and whether its live firmware registers (read over the domain's own QMP socket, "
+        "<hvc:qmp>: every vCPU) still match that record (without a record: what the policy "
+        "plans), by the rule the hook's reconnect uses. Like `virsh list --all`; --format json "
         "for scripts; --format prometheus for Prometheus (the text exposition format, with the "
         "host snapshot, the policies and the hook's decision counters, exit 0 once written "
         "whatever the domains' states, which are in the metrics; --output replaces a file in "

@@ -313,37 +313,35 @@ def _start(
 def _check_hand_over(policy: Any, handed: Any, host: dict[int, int] | None, where: str) -> None:
     """Plan again from what the hook read before its write, as it did, and hold its read-back
     to that: what is recorded is what this policy makes of this guest on this host."""
+    from hvcpolicy import compliance
     from hvcpolicy.errors import Refused
-    from hvcpolicy.planner import plan_start, verify
 
-    plan = plan_start(policy, handed.before, host if host is not None else handed.before)
-    diffs = plan.refusals if not plan.ok else verify(plan.target, handed.after)
+    ref = compliance.reference(policy, handed.before, host=host)
+    assert ref is not None
+    diffs = compliance.differences(ref, handed.after)
     if diffs:
         raise Refused(f"{where}: the hook's hand-over does not match: {'; '.join(diffs)}", diffs)
 
 
 def _apply_here(args: argparse.Namespace, dom: Any, policy: Any, snap: Any, where: str) -> Any:
-    """No hook handed anything over: apply over QMP here (or, when a hook already applied and
-    resumed, verify); -> the ``<hvc:policy>`` element to record, or None."""
+    """No hook handed anything over: enforce over QMP here (prelaunch: apply; when a hook
+    already applied and resumed: verify, as the flow does); -> the element to record, or None."""
     from hvcpolicy import libvirt
     from hvcpolicy.domainxml import parse_domain
+    from hvcpolicy.enforce import enforce
     from hvcpolicy.hook.recorder import applied_element
-    from hvcpolicy.hook.stages import apply_prelaunch
+    from hvcpolicy.qmp import QMP
 
     host = snap.registers if snap is not None else None
     live = parse_domain(libvirt.domain_xml(dom), where)
     sock = live.qmp_socket
     if not sock:
         raise Unavailable(f"{where} has no QMP socket for hvcpolicy: run `hvcpolicy attach`")
-    with _connect_qmp(sock, args.timeout) as qmp:
-        if qmp.runstate() == "prelaunch":
-            _, after = apply_prelaunch(policy, qmp, host, where)
-        else:  # the hook applied, and its recorder resumed it already
-            after = qmp.read_every_vcpu()
-            _verify_applied(policy, after, host, where)
+    with QMP(sock, args.timeout) as qmp:
+        result = enforce(qmp, policy, host=host, domain=args.domain)
     if live.meta is None:
         return None
-    return applied_element(live.meta, after, snap)
+    return applied_element(live.meta, result.applied_registers(), snap)
 
 
 def _same_inputs_as_hook(conf: Any, policy_dir_arg: str | None, snap_path: str) -> bool:
@@ -374,21 +372,6 @@ def _audit(conf: Any, domain: Any, stage: str, outcome: str, **fields: str) -> N
     counters.count(conf.counters_dir, stage, outcome)
 
 
-def _verify_applied(
-    policy: Any, live: dict[int, int], host: dict[int, int] | None, where: str
-) -> None:
-    from hvcpolicy.errors import Refused
-    from hvcpolicy.planner import plan_start, verify
-
-    # what a fresh guest on this host should have been left with (the host's snapshot), else
-    # at least that nothing the policy denies is still offered
-    base = host if host is not None else live
-    target = plan_start(policy, base).target
-    diffs = verify({rid: v for rid, v in target.items() if rid in live}, live)
-    if diffs:
-        raise Refused(f"{where} ran before hvcpolicy could apply: {'; '.join(diffs)}", diffs)
-
-
 def _regs(registers: dict[int, int]) -> str:
     from hvcpolicy.audit import regs_text
 
@@ -413,12 +396,6 @@ def _cached_loader(conf: Any) -> Any:
 
     cache_dir = conf.cache_dir if conf is not None else None
     return lambda ref, directory=None: resolve(ref, directory, cache_dir)
-
-
-def _connect_qmp(sock: str, timeout: float) -> Any:
-    from hvcpolicy.hook.hookqmp import HookQMP
-
-    return HookQMP(sock, timeout)
 
 
 # --- install-hook -------------------------------------------------------------------------------

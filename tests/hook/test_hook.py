@@ -288,8 +288,9 @@ def test_unmanaged_domain_is_left_alone_even_by_python(env: Path) -> None:
 
 
 def test_started_rides_out_stray_replies_and_still_writes_the_right_values(env: Path) -> None:
-    """Every HookQMP command carries its own id: a reply to nobody (another id) is skipped, not
-    taken as the answer (it was a KeyError, an internal error, before)."""
+    """Every QMP command carries its own id (qemu.qmp routes replies by it): a reply to nobody
+    (another id) is skipped, not taken as the answer (it was a KeyError, an internal error, in
+    the hook's own client before)."""
     sock = str(env / "qmp.sock")
     faults = ["--fault", "stray-reply@query-status", "--fault", "stray-reply@qom-get"]
     with simulator_process(sock, "6.18", "--vcpus", "2", *faults):
@@ -555,3 +556,38 @@ def test_sh_started_takes_no_answer_from_files_it_does_not_own(sh_hook: Path, fo
         done = run_sh(sh_hook, "started", domain("fleet-2026"))
     assert done.returncode == 0 and served == []
     assert (sh_hook.parent / "argv").exists()  # Python ran the stage
+
+
+# --- one flow: the stages read back and verify as apply and start do -------------------------
+
+
+def test_started_inmigrate_reads_back_every_vcpu(env: Path) -> None:
+    """inmigrate writes too, so it reads back every vCPU as prelaunch does (the hook once wrote
+    and never looked): a vCPU still reading the old value fails the stage (libvirt stops QEMU)."""
+    sock = str(env / "qmp.sock")
+    args = ("--runstate", "inmigrate", "--vcpus", "2")
+    with simulator_process(sock, "6.18", *args, "--fault", "vcpu-disagree"):
+        failed = run_hook(env, "started", domain("noptp", sock))
+    assert failed.returncode == 1, failed.stderr
+    assert "the write did not hold" in failed.stderr and "vCPU 1" in failed.stderr
+    with simulator_process(sock, "6.18", *args):
+        done = run_hook(env, "started", domain("noptp", sock))
+    assert done.returncode == 0, done.stderr
+    line = [x for x in audit(env) if "stage=started/inmigrate" in x][-1]
+    assert "outcome=applied" in line  # one vocabulary: applied, read back on every vCPU
+    assert "0x6030000000160002=0x1" in line.split(" after=")[1]  # ptp cleared, as read back
+
+
+def test_started_without_qemu_qmp_fails_closed_in_one_line(env: Path) -> None:
+    """The QMP stages need qemu.qmp (beside the package, as the .deb ships it, else from
+    site-packages): a Python without it fails the stage with one line saying so."""
+    run = env / "run.py"
+    run.write_text(
+        "import sys\nsys.modules['qemu'] = None  # qemu.qmp not installed\n" + run.read_text()
+    )
+    sock = str(env / "qmp.sock")
+    with simulator_process(sock, "6.18"):
+        done = run_hook(env, "started", domain("noptp", sock))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "cannot import qemu.qmp" in done.stderr and "pip install qemu.qmp" in done.stderr

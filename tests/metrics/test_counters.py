@@ -98,8 +98,17 @@ def _outcomes_in_sources() -> set[str]:
 def test_every_outcome_the_code_logs_can_be_counted() -> None:
     """A new outcome in an audit line must join counters.OUTCOMES, or it would go uncounted."""
     found = _outcomes_in_sources()
-    assert {"allowed", "applied", "verified", "recorded-resumed"} <= found  # the scan works
+    assert {"allowed", "error", "recorded-resumed"} <= found  # the scan works
     assert found - counters.OUTCOMES == set()
+
+
+def test_every_outcome_of_the_flow_can_be_counted() -> None:
+    """The hook and ``start`` log the one flow's outcomes (``result.outcome``), which the
+    literal scan above cannot see: its whole vocabulary must be countable."""
+    from hvcpolicy import enforce
+
+    assert "applied" in enforce.OUTCOMES and "unchanged" in enforce.OUTCOMES
+    assert enforce.OUTCOMES <= counters.OUTCOMES
 
 
 def test_counting_is_cheap(tmp_path: Path) -> None:
