@@ -22,7 +22,8 @@ What that command is, is ``MEASURED`` (``HVC_BENCH_STOCK=hvcpolicy|calls``):
 Each run is followed, off the clock, by ``virsh destroy`` and the removal of its images.
 
 Environment: HVC_BENCH_STOCK_REPS (rounds, default 5), HVC_BENCH_STOCK_SIZES (GiB, default
-"1,4,16"), HVC_BENCH_STOCK (above), HVC_BENCH_JSON (where the figures go).
+"1,4,16"), HVC_BENCH_STOCK (above), HVC_BENCH_READBACK (``snapshot``, the default, or ``save``: a
+second save and restore), HVC_BENCH_JSON (where the figures go).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ if __name__ != "__main__":  # under pytest; the --cycle script stays as lean as 
 
 # The one line to switch when ``hvcpolicy start`` enforces on a stock QEMU: "hvcpolicy".
 MEASURED = os.environ.get("HVC_BENCH_STOCK", "calls")
+
+# How the cycle reads back what QEMU holds (HVC_BENCH_READBACK): "snapshot", a memory-only external
+# snapshot (QEMU stays), or "save", a second save and restore.
+READBACK = os.environ.get("HVC_BENCH_READBACK", "snapshot")
 
 STEPS = ["start paused", "save", "read+patch", "restore paused", "read-back", "resume"]
 RESTORE_MARK = (
@@ -115,12 +120,19 @@ def cycle(uri: str, name: str, workdir: str) -> dict[str, float]:
     )
 
     def read_back() -> None:
+        nonlocal dom
+        if READBACK == "save":  # the other way: a second save, read, and a second restore
+            dom.saveFlags(readback, None, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+            read_and_patch(readback)
+            conn.restoreFlags(readback, None, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+            dom = conn.lookupByName(name)
+            return
         # QEMU keeps running (paused): a memory-only snapshot writes the same stream as a save
         dom.snapshotCreateXML(snap, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
         read_and_patch(readback)
 
     step("read-back", read_back)
-    step("resume", dom.resume)
+    step("resume", lambda: dom.resume())
     for path in (image, readback):
         os.unlink(path)
     return steps
@@ -206,7 +218,11 @@ def figures_and_report(
     from common import Figure
 
     med = {k: statistics.median(v) * 1000 for k, v in totals.items()}
-    what = "hvcpolicy start" if MEASURED == "hvcpolicy" else "stock cycle (libvirt calls)"
+    what = (
+        "hvcpolicy start"
+        if MEASURED == "hvcpolicy"
+        else f"stock cycle (libvirt calls, read-back by {READBACK})"
+    )
     figures = [
         Figure(
             f"{what}, {g} GiB TCG guest", med[(g, "c")], "ms",
