@@ -11,7 +11,10 @@ median and a ratio, with its target and PASS or FAIL. The parts:
   ``python3 -I -S -c pass``), the QMP stages ``started`` with 1, 8 and 64 vCPUs and ``reconnect``
   (against ``python3 -I -S -c 'import qemu.qmp'``), and its peak RSS;
 - ``bench/fleetbench.py``: ``baseline`` and ``matrix`` over 10,000 generated host snapshots;
-- ``bench/libvirt_start.py``: ``hvcpolicy start`` against ``virsh start`` on a real libvirtd.
+- ``bench/libvirt_start.py``: ``hvcpolicy start`` against ``virsh start`` on a real libvirtd;
+- ``bench/stock_start.py``: enforcement on a stock QEMU (paused start, save, patch, restore,
+  read-back, resume) against ``virsh start`` of the same guest at 1, 4 and 16 GiB, with a
+  breakdown per step.
 
 Results: printed, and written to ``bench/out/results.json`` and ``bench/out/results.md``.
 Exit status: 0 every target holds, 1 some target does not, 2 a part could not run.
@@ -119,9 +122,13 @@ def main() -> int:
         pytest = [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
         libvirt_cmd = [*pytest, str(HERE / "libvirt_start.py")]
         parts.append(("libvirt", libvirt_cmd, OUT / "libvirt.json", 1200))
+        stock_cmd = [*pytest, str(HERE / "stock_start.py")]
+        parts.append(("stock", stock_cmd, OUT / "stock.json", 1800))
     else:
         skipped.append(f"hvcpolicy start vs virsh start: SKIPPED ({why})")
+        skipped.append(f"stock-QEMU cycle vs virsh start at 1/4/16 GiB: SKIPPED ({why})")
     figures: list[Figure] = []
+    reports: list[str] = []  # a part's own breakdown, printed after the table
     errors: list[str] = []
     for name, cmd, out, timeout in parts:
         part_env = {**env, "HVC_BENCH_REPS": str(libvirt_reps), "HVC_BENCH_JSON": str(out)}
@@ -129,8 +136,11 @@ def main() -> int:
         if err is not None:
             errors.append(err)
             continue
-        figs, _ = read_figures(out)
+        figs, extra = read_figures(out)
         figures += figs
+        report = extra.get("report")
+        if isinstance(report, list):
+            reports += ["", *map(str, report)]
     lines = table(figures)
     info = (
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.node()}; "
@@ -143,6 +153,7 @@ def main() -> int:
     print(info)
     print("\n".join(lines))
     print(LEGEND)
+    print("\n".join(reports))
     for s in skipped:
         print(s)
     for e in errors:
@@ -155,7 +166,7 @@ def main() -> int:
     )  # fmt: skip
     print(verdict)
     (OUT / "results.md").write_text(
-        "\n".join([info, "", *lines, "", LEGEND, *skipped, verdict]) + "\n"
+        "\n".join([info, "", *lines, "", LEGEND, *reports, "", *skipped, verdict]) + "\n"
     )
     (OUT / "results.json").write_text(
         json.dumps(

@@ -45,6 +45,9 @@ MIGRATION_PORT = 49200
 SIM_KERNEL = "6.18"
 HOSTS = REPO / "examples" / "hosts"
 NS = "https://hvcpolicy.dev/xmlns/libvirt/1"
+# libvirtd runs under a prompt reaper of orphans, as under a host's init: QEMU is daemonized, and
+# where PID 1 reaps only every 2 s (this sandbox) every QEMU stop (save, destroy) waited for it
+REAPER = [HOOK_PYTHON, str(Path(__file__).resolve().parent / "reaper.py")]
 
 
 def run(cmd: list[str], timeout: float = 60, check: bool = True, **kw: Any) -> Any:
@@ -349,7 +352,7 @@ class Daemon:
 def _start_system() -> None:
     if pid_from(Path("/run/virtlogd.pid"), "virtlogd") is None:
         run(["/usr/sbin/virtlogd", "-d"], timeout=30)
-    run(["/usr/sbin/libvirtd", "-d"], timeout=30)
+    run([*REAPER, "/usr/sbin/libvirtd", "-d"], timeout=30)
     # the first start probes QEMU's capabilities (~15 s); later ones take ~0.1 s
     wait_for(
         lambda: virsh(SYSTEM_URI, "list", "--all", check=False, timeout=30).returncode == 0,
@@ -402,7 +405,7 @@ def _start_session() -> None:
     for path in (SESSION_HOME / ".config", conf_dir, conf):
         os.chown(path, user.pw_uid, user.pw_gid)
     run(
-        ["/usr/sbin/libvirtd", "-d", "-p", str(SESSION_HOME / "libvirtd-test.pid")],
+        [*REAPER, "/usr/sbin/libvirtd", "-d", "-p", str(SESSION_HOME / "libvirtd-test.pid")],
         timeout=30,
         user=user.pw_uid,
         group=user.pw_gid,
