@@ -19,6 +19,8 @@ from hvcpolicy.record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from xml.etree.ElementTree import Element
+
     from hvcpolicy.policy import FeatureKey
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -28,16 +30,29 @@ MAX_DEPTH = 64
 MAX_ATTR = 4096
 
 
+# <hvc:applied backend=...>: which enforcement backend wrote the registers (SPEC section 8)
+APPLIED_BACKENDS = ("qmp", "stream")
+
+
 class Applied(Record):
-    """``<hvc:applied>``: every firmware register of the guest as hvcpolicy left it."""
+    """``<hvc:applied>``: every firmware register of the guest as hvcpolicy left it, and which
+    backend enforced it (None: a record written before the attribute existed)."""
 
-    __slots__ = ("at", "host", "kernel", "registers")
+    __slots__ = ("at", "backend", "host", "kernel", "registers")
 
-    def __init__(self, host: str, kernel: str, at: str, registers: dict[int, int]) -> None:
+    def __init__(
+        self,
+        host: str,
+        kernel: str,
+        at: str,
+        registers: dict[int, int],
+        backend: str | None = None,
+    ) -> None:
         self.host = host
         self.kernel = kernel
         self.at = at
         self.registers = registers
+        self.backend = backend
 
 
 class DomainPolicy(Record):
@@ -343,11 +358,19 @@ def _build_applied(attrs: dict[str, str], regs: list[dict[str, str]], where: str
     registers = cat.parse_register_map(
         pairs, where, "<hvc:register id>", lambda rid: f"<hvc:register id={rid!r}>"
     )
+    backend = attrs.get("backend")
+    if backend is not None and backend not in APPLIED_BACKENDS:
+        raise InvalidInput(
+            f"<hvc:applied backend>: {bounded(backend, 40)!r} is not "
+            + " or ".join(APPLIED_BACKENDS),
+            where,
+        )
     return Applied(
         host=attrs.get("host", ""),
         kernel=attrs.get("kernel", ""),
         at=attrs.get("at", ""),
         registers=registers,
+        backend=backend,
     )
 
 
@@ -380,9 +403,10 @@ def render_policy(meta: DomainPolicy) -> str:
         out.append('  <hvc:resume after="apply"/>')
     if meta.applied is not None:
         a = meta.applied
+        backend = "" if a.backend is None else f" backend={quoteattr(a.backend)}"
         out.append(
             f"  <hvc:applied host={quoteattr(a.host)} kernel={quoteattr(a.kernel)} "
-            f"at={quoteattr(a.at)}>"
+            f"at={quoteattr(a.at)}{backend}>"
         )
         for rid, value in sorted(a.registers.items()):
             out.append(f'    <hvc:register id="{cat.fmt_id(rid)}" value="{cat.fmt_value(value)}"/>')
@@ -393,3 +417,44 @@ def render_policy(meta: DomainPolicy) -> str:
 
 def with_applied(meta: DomainPolicy, applied: Applied) -> DomainPolicy:
     return meta.replace(applied=applied)
+
+
+def _tree(xml: str) -> Element:
+    """A libvirt-written domain XML as an ElementTree root, its namespace prefixes kept (libvirt
+    reads ``<qemu:commandline>`` and metadata by URI, but a reader of the result should find the
+    prefixes it wrote)."""
+    import io
+    import xml.etree.ElementTree as ET
+
+    for _event, (prefix, uri) in ET.iterparse(io.StringIO(xml), events=("start-ns",)):
+        if prefix and not prefix.startswith("ns"):  # ns<digits> is ElementTree's own
+            ET.register_namespace(prefix, uri)
+    ET.register_namespace("hvc", XMLNS)
+    return ET.fromstring(xml)
+
+
+def set_policy_element(xml: str, element: str) -> str:
+    """The domain XML with ``element`` as its only ``<hvc:policy>`` in ``<metadata>``."""
+    import xml.etree.ElementTree as ET
+
+    root = _tree(xml)
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = ET.Element("metadata")
+        # libvirt orders it itself on define; after <uuid>/<description> reads best
+        root.insert(min(3, len(root)), metadata)
+    for old in metadata.findall(f"{{{XMLNS}}}policy"):
+        metadata.remove(old)
+    metadata.append(ET.fromstring(element))
+    return ET.tostring(root, encoding="unicode")
+
+
+def disk_targets(xml: str) -> list[str]:
+    """The target names of every disk of a libvirt-written domain XML."""
+    out: list[str] = []
+    for disk in _tree(xml).iterfind("devices/disk"):
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev:
+            out.append(dev)
+    return out

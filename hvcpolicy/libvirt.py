@@ -128,3 +128,83 @@ def state(dom: Any) -> str:
 
 def is_active(dom: Any) -> bool:
     return bool(call("isActive", dom.isActive))
+
+
+def domain_id(dom: Any) -> int:
+    """libvirt's id of the running domain (a new one on every start and restore); -1 when off."""
+    return int(call("domain id", dom.ID))
+
+
+def lookup_uuid(conn: Any, uuid: str) -> Any:
+    """The domain of ``uuid`` (a restore gives no handle: look it up again)."""
+    return call("lookup", conn.lookupByUUIDString, uuid)
+
+
+# --- the stream backend (hvcpolicy/savecycle.py) ----------------------------------------------
+
+
+def versions(conn: Any) -> tuple[int, int]:
+    """(libvirt's version, the hypervisor's version), as libvirt encodes them: 9000000 is 9.0.0,
+    7002000 is QEMU 7.2.0."""
+    return int(call("version", conn.getLibVersion)), int(call("version", conn.getVersion))
+
+
+def sparse_saves(conn: Any) -> bool:
+    """Whether this host must save sparse images: QEMU >= 11 no longer restores a raw image that
+    libvirt hands it as a file (reference/qemu-migration-stream.md), and a libvirt that knows
+    the save parameter ``image_format`` (tried with 11.3) can ask for the sparse (mapped-ram)
+    format instead. Elsewhere the format is qemu.conf's ``save_image_format`` (raw by default)."""
+    lib_version, qemu_version = versions(conn)
+    return qemu_version >= 11_000_000 and lib_version >= 11_003_000
+
+
+def save_paused(dom: Any, path: str, sparse: bool) -> None:
+    """Save the domain to ``path`` (QEMU stops; libvirt writes the image as root) so that a
+    restore leaves it paused. ``sparse``: QEMU's mapped-ram format (see :func:`sparse_saves`);
+    else qemu.conf's ``save_image_format`` (raw unless the host configured compression)."""
+    lib = _lib()
+    if sparse:
+        params = {
+            lib.VIR_DOMAIN_SAVE_PARAM_FILE: path,
+            getattr(lib, "VIR_DOMAIN_SAVE_PARAM_IMAGE_FORMAT", "image_format"): "sparse",
+        }
+        call("save", dom.saveParams, params, lib.VIR_DOMAIN_SAVE_PAUSED)
+    else:
+        call("save", dom.saveFlags, path, None, lib.VIR_DOMAIN_SAVE_PAUSED)
+
+
+def save_image_xml(conn: Any, path: str) -> str:
+    """The domain XML inside a save image, with its secure parts (what a restore needs)."""
+    lib = _lib()
+    return str(
+        call(
+            "save-image-dumpxml",
+            conn.saveImageGetXMLDesc,
+            path,
+            lib.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE,
+        )
+    )
+
+
+def restore_paused(conn: Any, path: str, xml: str) -> None:
+    """Restore the image at ``path`` with the domain XML ``xml`` (ABI-checked by libvirt),
+    leaving the vCPUs paused. A never-run guest's image restores into QEMU's ``prelaunch``."""
+    lib = _lib()
+    call("restore", conn.restoreFlags, path, xml, lib.VIR_DOMAIN_SAVE_PAUSED)
+
+
+def memory_snapshot(dom: Any, path: str, disks: list[str]) -> None:
+    """Write the running QEMU's migration stream to ``path`` as an external memory-only
+    snapshot, without stopping QEMU and without snapshot metadata: a paused guest stays paused
+    (QEMU's runstate becomes ``postmigrate``, which ``resume`` leaves). ``disks``: the target
+    names of every disk, each marked ``snapshot='no'`` (no overlay is made)."""
+    from hvcpolicy.domainxml import quoteattr
+
+    lib = _lib()
+    disk_xml = "".join(f"<disk name={quoteattr(d)} snapshot='no'/>" for d in disks)
+    xml = (
+        "<domainsnapshot><name>hvcpolicy-readback</name>"
+        f"<memory snapshot='external' file={quoteattr(path)}/>"
+        f"<disks>{disk_xml}</disks></domainsnapshot>"
+    )
+    call("memory snapshot", dom.snapshotCreateXML, xml, lib.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
