@@ -48,6 +48,8 @@ USER_DIR = ".local/state/hvcpolicy/save"  # under the home of a qemu:///session 
 # (SIGSTOP, until the test sends SIGCONT). Steps: started saved patched restored read-back.
 FAULT_ENV = "HVCPOLICY_TEST_FAULT"
 
+# the journal's phases: what the libvirt domain id in it is the id of
+STARTING, STARTED = "starting", "started"
 SAVING, SAVED, RESTORING, RESTORED = "saving", "saved", "restoring", "restored"
 
 
