@@ -141,6 +141,8 @@ def enforce(
     host: Mapping[int, int] | None = None,
     dry_run: bool = False,
     resume: bool = False,
+    runstate: str | None = None,
+    domain: str | None = None,
 ) -> ApplyResult:
     """Enforce ``policy`` on the guest behind ``fw`` (see the module docstring).
 
@@ -148,13 +150,17 @@ def enforce(
     other runstates are held to it). ``host``: this host's fresh registers, when known (the
     kernel's PSCI limit); else the guest's own. ``resume``: resume once the guest complies, or
     the policy says warn (never when running already, never after a failure, never dry).
+    ``runstate``: the runstate the caller has just read (saves asking again). ``domain``: the
+    libvirt domain's name, for messages (and the fix they name).
 
     Raises Refused (exit 3) before any write when the policy refuses; Unavailable (exit 5)
     when the firmware cannot be reached, a write fails, the vCPUs disagree or a read-back
     differs from what was written (the guest is then not resumed).
     """
     result = ApplyResult(fw, policy.name)
-    result.runstate = fw.runstate()
+    if domain is not None:
+        result.where = f"domain {domain!r} ({fw.where})"
+    result.runstate = runstate if runstate is not None else fw.runstate()
     try:
         vcpus = fw.read()
     except InterfaceMissing as missing:
@@ -164,7 +170,7 @@ def enforce(
         if result.writable:
             _write_path(fw, policy, result, applied, host, dry_run)
         else:
-            _verify_path(policy, result, applied, host)  # writes nothing: dry or not
+            _verify_path(policy, result, applied, host, domain)  # writes nothing: dry or not
     if resume and not dry_run:
         if result.runstate in RESUMABLE_RUNSTATES:
             fw.resume()
@@ -180,11 +186,14 @@ def inspect(
     *,
     applied: Mapping[int, int] | None = None,
     host: Mapping[int, int] | None = None,
+    domain: str | None = None,
 ) -> ApplyResult:
     """Read every vCPU and hold the guest to ``applied`` or the policy's plan; never write,
     never refuse: outcome ``verified`` or ``differs`` (with ``mismatches``). For ``reconnect``
     and ``status``. InterfaceMissing (and any Unavailable) propagates."""
     result = ApplyResult(fw, policy.name if policy is not None else "-")
+    if domain is not None:
+        result.where = f"domain {domain!r} ({fw.where})"
     result.runstate = fw.runstate()
     _take_reading(result, fw.read())
     _hold_to_reference(policy, result, applied, host)
@@ -305,24 +314,27 @@ def _verify_path(
     result: ApplyResult,
     applied: Mapping[int, int] | None,
     host: Mapping[int, int] | None,
+    domain: str | None,
 ) -> None:
     """Not writable: hold every vCPU to ``<hvc:applied>`` or the plan; never write."""
     _hold_to_reference(policy, result, applied, host)
     if not result.mismatches:
         result.outcome = VERIFIED
         return
+    state = "already running" if result.runstate == "running" else result.runstate
     text = (
-        f"the guest is {result.runstate} (its vCPUs may have run), so hvcpolicy does not write; "
-        f"its firmware registers differ from {result.basis}: {'; '.join(result.mismatches)}"
+        f"the guest is {state} (its vCPUs may have run), so it is too late to write; its "
+        f"firmware registers differ from {result.basis}: {'; '.join(result.mismatches)}"
     )
     if policy.already_running == "warn":
         result.outcome = DIFFERS_WARNED
         result.warnings.append(f"{result.where}: {text} (enforcement.already-running: warn)")
         return
+    name = domain if domain is not None else "DOMAIN"
     raise Refused(
-        f"{result.where}: {text} (enforcement.already-running: refuse); start the guest paused "
-        "(`hvcpolicy start DOMAIN` or `virsh start --paused`) so the policy is written before "
-        "any vCPU runs",
+        f"{result.where}: {text} (enforcement.already-running: refuse); start it paused so the "
+        f"policy is written before any vCPU runs: `hvcpolicy start {name}` or "
+        f'`virsh start --paused {name}` (with <hvc:resume after="apply"/>)',
         list(result.mismatches),
     )
 

@@ -110,8 +110,9 @@ class QMP:
     # -- connection ------------------------------------------------------------------------------
 
     def connect(self) -> None:
-        """Connect, greet and negotiate, all within ``timeout``. The socket may not exist yet
-        (QEMU or a proxy still creating it): retried until then."""
+        """Connect, greet and negotiate, all within ``timeout``. A socket that does not exist yet
+        (QEMU or a proxy still creating it) is retried until then; one that refuses is not
+        (a QEMU gone, its socket left behind)."""
         from hvcpolicy.trust import check_qmp_socket
 
         loop = asyncio.new_event_loop()
@@ -126,7 +127,7 @@ class QMP:
                     check_qmp_socket(self.address)
                     self._client = self._run(self._open(deadline))
                     return
-                except (FileNotFoundError, ConnectionRefusedError) as err:
+                except FileNotFoundError as err:
                     if time.monotonic() + RETRY_PAUSE >= deadline:
                         raise QMPError(f"{self.where}: cannot connect: {_describe(err)}") from None
                     time.sleep(RETRY_PAUSE)
@@ -149,9 +150,7 @@ class QMP:
         except BaseException as err:
             cause = await self._abandon(client)
             raised = _connect_error(err, cause, self.where)
-            if isinstance(raised, OSError):
-                raise raised from None  # a missing or refusing socket: connect() retries
-            raise raised from None
+            raise raised from None  # FileNotFoundError included: connect() retries it
         return client
 
     def close(self) -> None:
@@ -300,7 +299,7 @@ class QMP:
         if not self.has_interface():
             raise InterfaceMissing(
                 f"{self.where}: this QEMU lacks the firmware-register interface (its vCPUs have "
-                f"no {PROPERTY!r} property)"
+                f"no {PROPERTY} property)"
             )
 
     def read(self) -> list[Registers]:
@@ -397,8 +396,9 @@ def _command_error(err: BaseException, where: str, name: str, sent: object) -> E
 
 
 def _connect_error(err: BaseException, cause: BaseException | None, where: str) -> BaseException:
-    """Why qemu.qmp's connect failed, as an hvcpolicy error; a missing or refusing socket stays
-    an OSError (the caller retries it). ``cause``: what ``disconnect`` said ended the session."""
+    """Why qemu.qmp's connect failed, as an hvcpolicy error; a missing socket stays
+    FileNotFoundError (the caller retries it). ``cause``: what ``disconnect`` said ended the
+    session."""
     from qemu.qmp import ConnectError
     from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
@@ -415,7 +415,7 @@ def _connect_error(err: BaseException, cause: BaseException | None, where: str) 
             root = root.exc
         else:
             break
-    if isinstance(root, FileNotFoundError | ConnectionRefusedError):
+    if isinstance(root, FileNotFoundError):
         return root
     if isinstance(root, AssertionError):
         # qemu.qmp asserts its own state when the server garbles or hangs up mid-negotiation:

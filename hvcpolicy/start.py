@@ -164,7 +164,10 @@ def enforce_paused(
                 conn, dom, live, live_xml, element, timeout, save_dir, snapshot_first=not predicted
             )
         except InterfaceMissing as missing:
-            result = unsupported(_Nowhere(where), policy, missing.message)  # refuse: raises
+            from typing import cast
+
+            # refuse: raises; warn: the guest runs unenforced, with the warning
+            result = unsupported(cast("Firmware", _Nowhere(where)), policy, missing.message)
             libvirt.resume(dom)
             result.resumed = True
             return Outcome(result, [])
@@ -187,7 +190,8 @@ def enforce_paused(
 
 
 class _Nowhere:
-    """The Firmware ``unsupported`` names when no backend reaches the registers."""
+    """What ``unsupported`` names when no backend reaches the registers (it reads only
+    ``backend`` and ``where``)."""
 
     backend = "-"
 

@@ -131,7 +131,7 @@ def test_vcpus_that_disagree_are_never_written(sockdir: Path) -> None:
     policy = load_policy(str(portable(sockdir)))
     fw = Scripted("prelaunch", FRESH_6_18, vcpus=2)
     fw.regs[1][VENDOR] = 1
-    with pytest.raises(Unavailable, match="vCPU 1: VENDOR_HYP_BMAP .* reads 0x1, vCPU 0 0x3"):
+    with pytest.raises(Unavailable, match=r"vCPU 1: VENDOR_HYP_BMAP .* reads 0x1, vCPU 0 0x3"):
         enforce(fw, policy, resume=True)
     assert fw.sent == ["read"]
 
@@ -143,4 +143,6 @@ def test_inspect_never_refuses_and_holds_every_vcpu(sockdir: Path) -> None:
     fw.regs[1][VENDOR] = 1
     result = inspect(fw, policy, applied=FRESH_6_18)
     assert result.outcome == "differs" and fw.sent == ["read", "read"]
-    assert result.mismatches == ["vCPU 1: VENDOR_HYP_BMAP (0x6030000000160002) reads 0x1, vCPU 0 0x3"]
+    assert result.mismatches == [
+        "vCPU 1: VENDOR_HYP_BMAP (0x6030000000160002) reads 0x1, vCPU 0 0x3"
+    ]

@@ -12,14 +12,24 @@ import pytest
 from hvcpolicy import XMLNS
 from hvcpolicy import catalogue as cat
 from hvcpolicy.cli.daytwo import status_lines
+from hvcpolicy.compliance import differences as compliance_differences
+from hvcpolicy.compliance import reference
 from hvcpolicy.domainxml import Applied
-from hvcpolicy.libvirt_status import DRIFT, MATCH, Row, differences
-from hvcpolicy.policy import load_policy_file
+from hvcpolicy.libvirt_status import DRIFT, MATCH, Row
+from hvcpolicy.policy import Policy, load_policy_file
 from hvcpolicy.snapshot import load_snapshot
 from tests.conftest import EXAMPLES, REPO
 
 HOST_6_18 = load_snapshot(str(EXAMPLES / "hosts" / "neoverse-n1_linux-6.18.json")).registers
 FLEET = load_policy_file(str(EXAMPLES / "policies" / "fleet-2026.yaml"))
+
+
+def differences(
+    live: dict[int, int], applied: dict[int, int] | None, policy: Policy | None
+) -> list[str]:
+    """What status (and reconnect, and apply's verify) reports for one vCPU: the one rule."""
+    ref = reference(policy, live, applied)
+    return [] if ref is None else compliance_differences(ref, live)
 
 
 def test_a_guest_reading_its_record_matches() -> None:
@@ -30,7 +40,7 @@ def test_a_guest_reading_its_record_matches() -> None:
 def test_a_bit_the_record_lacks_is_drift() -> None:
     record = {**HOST_6_18, cat.VENDOR_HYP_BMAP: 0x1}
     assert differences(HOST_6_18, record, FLEET) == [
-        "VENDOR_HYP_BMAP (0x6030000000160002): expected 0x1, reads 0x3"
+        "VENDOR_HYP_BMAP (0x6030000000160002): reads 0x3, <hvc:applied> says 0x1"
     ]
 
 
@@ -53,9 +63,9 @@ def test_mitigation_levels_are_not_compared() -> None:
 def test_without_a_record_the_policy_plan_is_the_reference() -> None:
     # fleet-2026 denies pv-time and pins PSCI 1.1: the host's fresh values do not conform
     diffs = differences(HOST_6_18, None, FLEET)
-    assert "STD_HYP_BMAP (0x6030000000160001): reads 0x1, policy 'fleet-2026' wants 0x0" in diffs
+    assert "STD_HYP_BMAP (0x6030000000160001): reads 0x1, policy 'fleet-2026' says 0x0" in diffs
     assert (
-        "PSCI_VERSION (0x6030000000140000): reads 0x10003, policy 'fleet-2026' wants 0x10001"
+        "PSCI_VERSION (0x6030000000140000): reads 0x10003, policy 'fleet-2026' says 0x10001"
         in diffs
     )
     conforming = {**HOST_6_18, cat.STD_HYP_BMAP: 0, cat.PSCI_VERSION: cat.PSCI_1_1}
@@ -100,8 +110,8 @@ def _test_driver_domain(conn: Any, name: str, meta: str = "") -> str:
 
 
 def test_collect_on_libvirts_test_driver(monkeypatch: pytest.MonkeyPatch) -> None:
-    """libvirt's in-process test driver: no daemon, no QMP pass-through (so running managed
-    domains are unreachable), and a domain that vanishes while listed is left out."""
+    """libvirt's in-process test driver: no daemon, no QMP socket (so a running managed domain
+    has no interface hvcpolicy reads), and a domain that vanishes while listed is left out."""
     import libvirt
 
     from hvcpolicy import libvirt_status
@@ -120,8 +130,8 @@ def test_collect_on_libvirts_test_driver(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "gone-t" not in rows
     w = rows["web-t"]
     assert (w.state, w.policy, w.policy_source, w.live) == ("running", "fleet-2026", "domain",
-                                                            "unreachable")  # fmt: skip
-    assert "qemu-monitor-command" in w.detail
+                                                            "no-interface")  # fmt: skip
+    assert "no QMP socket for hvcpolicy" in w.detail
     i = rows["idle-t"]
     assert (i.state, i.id, i.policy, i.policy_source, i.live) == (
         "shut off", None, "default", "default", "-"
