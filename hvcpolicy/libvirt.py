@@ -143,19 +143,29 @@ def lookup_uuid(conn: Any, uuid: str) -> Any:
 # --- the stream backend (hvcpolicy/savecycle.py) ----------------------------------------------
 
 
-def versions(conn: Any) -> tuple[int, int]:
-    """(libvirt's version, the hypervisor's version), as libvirt encodes them: 9000000 is 9.0.0,
-    7002000 is QEMU 7.2.0."""
-    return int(call("version", conn.getLibVersion)), int(call("version", conn.getVersion))
+def qemu_version(conn: Any, live_xml: str) -> int:
+    """The host's QEMU version, libvirt-encoded (7002000 is 7.2.0): libvirt's hypervisor version,
+    else (a libvirt that finds no emulator for the host's own architecture, as on a test host)
+    the version in the running domain's machine type (``virt-7.2``, which libvirt expands
+    ``virt`` to); 0 when neither says."""
+    import re
+
+    lib = _lib()
+    try:
+        return int(conn.getVersion())
+    except lib.libvirtError:
+        pass
+    m = re.search(r"machine=['\"][a-z0-9]*-(\d+)\.(\d+)['\"]", live_xml)
+    return int(m.group(1)) * 1_000_000 + int(m.group(2)) * 1_000 if m else 0
 
 
-def sparse_saves(conn: Any) -> bool:
+def sparse_saves(conn: Any, live_xml: str) -> bool:
     """Whether this host must save sparse images: QEMU >= 11 no longer restores a raw image that
     libvirt hands it as a file (reference/qemu-migration-stream.md), and a libvirt that knows
     the save parameter ``image_format`` (tried with 11.3) can ask for the sparse (mapped-ram)
     format instead. Elsewhere the format is qemu.conf's ``save_image_format`` (raw by default)."""
-    lib_version, qemu_version = versions(conn)
-    return qemu_version >= 11_000_000 and lib_version >= 11_003_000
+    lib_version = int(call("version", conn.getLibVersion))
+    return qemu_version(conn, live_xml) >= 11_000_000 and lib_version >= 11_003_000
 
 
 def save_paused(dom: Any, path: str, sparse: bool) -> None:

@@ -169,7 +169,7 @@ class StreamFirmware:
         self.policy_element = policy_element
         self.snapshot_first = snapshot_first
         self.any_register = any_register
-        self.sparse = libvirt.sparse_saves(conn)
+        self.sparse = libvirt.sparse_saves(conn, libvirt.domain_xml(dom))
         self.domid = libvirt.domain_id(dom)
         self.state = "prelaunch"  # started paused by the caller, never ran
         self.before: list[Registers] | None = None  # as first read
@@ -189,11 +189,11 @@ class StreamFirmware:
     def read(self) -> list[Registers]:
         if self.restored:
             return self._read_back()
-        if self.before is None and self.snapshot_first:
-            self.before = self._snapshot()
-            return self.before
-        if not self.saved:
-            self._save()
+        if self.before is None:
+            if self.snapshot_first:
+                self._snapshot_image()
+            else:
+                self._save()
         assert self.before is not None
         return self.before
 
@@ -202,14 +202,18 @@ class StreamFirmware:
             raise Unavailable(
                 f"{self.where}: written once already; a second write needs a new save"
             )
-        if not self.saved:
+        if self.before is None:
             self._save()
+        elif not self.saved:  # read by a snapshot: that image becomes the one to restore
+            self._stop()
         assert self.before is not None
         target = dict(self.before[0])
         target.update(writes)
         if writes:
             self._patch(writes)
         self._restore(target)
+        if self.any_register:  # TCG's lists hold aliases of one state: hold only the writes
+            self.written = dict(writes)
 
     def resume(self) -> None:
         if self.saved and not self.restored:  # read, nothing written: load what was saved
@@ -217,6 +221,8 @@ class StreamFirmware:
             self._restore(dict(self.before[0]))
         if self.restored and not self.verified:
             self._read_back()
+        # (read by a snapshot and nothing to write: that read was of KVM itself, and QEMU still
+        # holds it; ``postmigrate`` resumes like ``prelaunch``)
         libvirt.resume(self.dom)
         self.state = "running"
         self.step = "resumed"
@@ -224,28 +230,37 @@ class StreamFirmware:
 
     # --- the steps -----------------------------------------------------------------------------
 
-    def _snapshot(self) -> list[Registers]:
-        """Every vCPU's registers as KVM holds them now, the guest left paused and running."""
+    def _snapshot(self, path: str) -> Image:
+        """The guest's state, written to ``path`` by QEMU without stopping (the guest stays
+        paused; its vCPU lists refreshed from KVM first). QEMU then refuses a later save
+        ("paused due to previous migration"): a write restores this image instead."""
+        from hvcpolicy.domainxml import disk_targets
         from hvcpolicy.imagefile import read_image
 
-        path = self.paths.readback
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        from hvcpolicy.domainxml import disk_targets
-
         xml = libvirt.domain_xml(self.dom)
         libvirt.memory_snapshot(self.dom, path, disk_targets(xml))
-        try:
-            os.chmod(path, 0o600)
-            return _vcpu_registers(read_image(path), self.any_register)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        os.chmod(path, 0o600)
+        return read_image(path)
+
+    def _snapshot_image(self) -> None:
+        self.paths.record(STARTED, self.domid)
+        self.expect = self._snapshot(self.paths.image)
+        self.before = _vcpu_registers(self.expect, self.any_register)
+
+    def _stop(self) -> None:
+        """A guest read by a snapshot needs a write: stop its QEMU (it never ran, nothing is
+        lost); the snapshot's image is what the restore loads."""
+        libvirt.destroy(self.dom)
+        self.saved = True
+        self.step = "saved"
+        self.paths.record(SAVED, self.domid)
+        checkpoint("saved")
 
     def _save(self) -> None:
         from hvcpolicy.imagefile import read_image
 
-        self.paths.clear()
         self.paths.record(SAVING, self.domid)
         self.step = "saving"
         libvirt.save_paused(self.dom, self.paths.image, self.sparse)
@@ -255,14 +270,7 @@ class StreamFirmware:
         os.chmod(self.paths.image, 0o600)
         checkpoint("saved")
         self.expect = read_image(self.paths.image)
-        registers = _vcpu_registers(self.expect, self.any_register)
-        if self.before is not None and registers != self.before:
-            # read by a snapshot first: the saved guest must be the guest that was read
-            raise Unavailable(
-                f"{self.where}: the saved image {self.paths.image} holds other registers than "
-                "the guest's snapshot a moment before; nothing was written"
-            )
-        self.before = registers
+        self.before = _vcpu_registers(self.expect, self.any_register)
 
     def _patch(self, writes: Mapping[int, int]) -> None:
         from hvcpolicy.imagefile import patch_image
@@ -312,7 +320,11 @@ class StreamFirmware:
         checkpoint("restored")
 
     def _read_back(self) -> list[Registers]:
-        after = self._snapshot()
+        try:
+            after = _vcpu_registers(self._snapshot(self.paths.readback), self.any_register)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.paths.readback)
         assert self.written is not None
         for index, regs in enumerate(after):
             diffs = [rid for rid, v in self.written.items() if regs.get(rid) != v]
