@@ -179,7 +179,8 @@ class StreamFirmware:
         self.written: Registers | None = None  # what the restored guest must hold
         self.verified = False  # a read-back after the restore equalled ``written``
         self.step = "started"  # for settle(): how far the cycle got
-        self.fingerprint: tuple[int, int, int, int] | None = None  # the image as patched
+        # the image as hvcpolicy last left it (saved, patched): any other write changes it
+        self.fingerprint: tuple[int, int, int, int] | None = None
 
     # --- the Firmware interface ----------------------------------------------------------------
 
@@ -248,6 +249,7 @@ class StreamFirmware:
         self.paths.record(STARTED, self.domid)
         self.expect = self._snapshot(self.paths.image)
         self.before = _vcpu_registers(self.expect, self.any_register)
+        self.fingerprint = _fingerprint(self.paths.image)
 
     def _stop(self) -> None:
         """A guest read by a snapshot needs a write: stop its QEMU (it never ran, nothing is
@@ -268,13 +270,15 @@ class StreamFirmware:
         self.step = "saved"
         self.paths.record(SAVED, self.domid)
         os.chmod(self.paths.image, 0o600)
-        checkpoint("saved")
         self.expect = read_image(self.paths.image)
         self.before = _vcpu_registers(self.expect, self.any_register)
+        self.fingerprint = _fingerprint(self.paths.image)
+        checkpoint("saved")
 
     def _patch(self, writes: Mapping[int, int]) -> None:
         from hvcpolicy.imagefile import patch_image
 
+        self._unchanged()
         self.expect = patch_image(
             self.paths.image, writes, expect=self.expect, any_register=self.any_register
         )
@@ -288,11 +292,7 @@ class StreamFirmware:
         from hvcpolicy.imagefile import read_image
 
         path = self.paths.image
-        if self.fingerprint is not None and _fingerprint(path) != self.fingerprint:
-            raise Unavailable(
-                f"{self.where}: {path} was changed by someone else after hvcpolicy patched it; "
-                "not restored"
-            )
+        self._unchanged()
         # the image as it will load: every vCPU must carry the target (a last check, cheap)
         image = read_image(path)
         for regs in _vcpu_registers(image, self.any_register):
@@ -318,6 +318,19 @@ class StreamFirmware:
         self.step = "restored"
         self.state = "prelaunch"  # a never-run guest's image restores into prelaunch
         checkpoint("restored")
+
+    def _unchanged(self) -> None:
+        """The image is as hvcpolicy left it: nobody else wrote it since."""
+        path = self.paths.image
+        try:
+            now: tuple[int, int, int, int] | None = _fingerprint(path)
+        except OSError:
+            now = None
+        if now != self.fingerprint:
+            raise Unavailable(
+                f"{self.where}: {path} was changed (or removed) by someone else after hvcpolicy "
+                "wrote it; not restored"
+            )
 
     def _read_back(self) -> list[Registers]:
         try:
