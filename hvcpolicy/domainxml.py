@@ -458,3 +458,12 @@ def disk_targets(xml: str) -> list[str]:
         if dev:
             out.append(dev)
     return out
+
+
+def unprefixed(element: str) -> str:
+    """``<hvc:policy xmlns:hvc=...>`` as libvirt's metadata API wants it: without the prefix
+    and declaration (libvirt adds both from the key and URI it is given)."""
+    import re
+
+    element = element.replace(f' xmlns:hvc="{XMLNS}"', "", 1)
+    return re.sub(r"<(/?)hvc:", r"<\1", element)

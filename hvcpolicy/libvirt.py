@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from hvcpolicy import XMLNS
+from hvcpolicy.domainxml import unprefixed
 from hvcpolicy.errors import InvalidInput, Unavailable
-from hvcpolicy.hook import unprefixed
 
 METADATA_KEY = "hvc"
 

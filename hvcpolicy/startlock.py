@@ -28,6 +28,7 @@ import stat
 
 from hvcpolicy.errors import InvalidInput, UsageError
 from hvcpolicy.record import Record
+from hvcpolicy.trust import open_private, own_dir, private_dir
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -51,41 +52,6 @@ def lock_path(run_dir: str, name: str) -> str | None:
     if len(name.encode("utf-8", "surrogateescape")) > 255:
         return None
     return os.path.join(run_dir, SUBDIR, name)
-
-
-def _trusted(st: os.stat_result) -> bool:
-    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
-
-
-def _trusted_dir(path: str) -> bool:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and _trusted(st)
-
-
-def _own_dir(path: str, mode: int) -> bool:
-    """``path`` made (``mode``) when missing; whether it is a trusted directory."""
-    try:
-        os.makedirs(path, mode, exist_ok=True)
-    except OSError:
-        return False
-    return _trusted_dir(path)
-
-
-def _open_trusted(path: str, flags: int, kind: int) -> int | None:
-    """An fd on ``path`` (never through a symlink) when it is a ``kind`` (``stat.S_IFREG``,
-    ``S_IFIFO``) this user owns and no one else can write; else None."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        st = os.fstat(fd)
-    except OSError:
-        return None
-    if stat.S_IFMT(st.st_mode) != kind or not _trusted(st):
-        os.close(fd)
-        return None
-    return fd
 
 
 class HandOver(Record):
@@ -130,9 +96,9 @@ class StartLock:
         path = lock_path(run_dir, name)
         if path is None:
             return None
-        if not (_own_dir(run_dir, 0o755) and _own_dir(os.path.dirname(path), 0o700)):
+        if not (own_dir(run_dir, 0o755) and own_dir(os.path.dirname(path), 0o700)):
             return None
-        fd = _open_trusted(path, os.O_RDWR | os.O_CREAT, stat.S_IFREG)
+        fd = open_private(path, os.O_RDWR | os.O_CREAT, stat.S_IFREG)
         if fd is None:
             return None
         import fcntl
@@ -199,9 +165,9 @@ def hand_over(
     the write and holds now.
     True: a live ``start`` holds the lock and has it; False: nobody to hand to."""
     path = lock_path(run_dir, name)
-    if path is None or not _trusted_dir(os.path.dirname(path)):
+    if path is None or not private_dir(os.path.dirname(path)):
         return False
-    fd = _open_trusted(path, os.O_RDWR | os.O_NONBLOCK, stat.S_IFREG)
+    fd = open_private(path, os.O_RDWR | os.O_NONBLOCK, stat.S_IFREG)
     if fd is None:
         return False
     import fcntl
@@ -265,9 +231,7 @@ class _Server:
     def listen(cls, run_dir: str, name: str, handler: Handler) -> _Server | None:
         call = os.path.join(run_dir, CALL_SUBDIR, name)
         answer = os.path.join(run_dir, ANSWER_SUBDIR, name)
-        if not (
-            _own_dir(os.path.dirname(call), 0o700) and _own_dir(os.path.dirname(answer), 0o700)
-        ):
+        if not (own_dir(os.path.dirname(call), 0o700) and own_dir(os.path.dirname(answer), 0o700)):
             return None
         import fcntl
 
@@ -279,11 +243,11 @@ class _Server:
             os.mkfifo(call, 0o600)
         except OSError:
             return None
-        answer_fd = _open_trusted(answer, os.O_RDWR | os.O_CREAT | os.O_EXCL, stat.S_IFREG)
+        answer_fd = open_private(answer, os.O_RDWR | os.O_CREAT | os.O_EXCL, stat.S_IFREG)
         if answer_fd is None:
             return None
         fcntl.flock(answer_fd, fcntl.LOCK_EX)  # new: nobody else has it
-        call_fd = _open_trusted(call, os.O_RDWR, stat.S_IFIFO)
+        call_fd = open_private(call, os.O_RDWR, stat.S_IFIFO)
         if call_fd is None:
             os.close(answer_fd)
             return None

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from hvcpolicy.errors import EXIT_OK, InvalidInput, Unavailable, UsageError
+from hvcpolicy.errors import EXIT_OK, InvalidInput, UsageError
 
 TYPE_CHECKING = False  # `start` is on a path libvirt users wait on: what it does not use, it
 if TYPE_CHECKING:  # does not import (contextlib, re, signal, typing are imported where used)
@@ -15,11 +15,7 @@ if TYPE_CHECKING:  # does not import (contextlib, re, signal, typing are importe
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 DEFAULT_HOOKS_DIR = "/etc/libvirt/hooks"
 SYSTEM_QMP_DIR = "/var/lib/libvirt/qemu/hvcpolicy"
-HOOK_NAME = "hvcpolicy"
 LIBVIRTD_PIDFILE = "/run/libvirtd.pid"
-# Where the hook script's template is found: next to the package (a checkout), or where the
-# Debian and RPM packages put it.
-HOOK_TEMPLATES = ("{pkgparent}/hooks/qemu", "/usr/share/hvcpolicy/hooks/qemu")
 
 
 def register(sub: Any, parent: argparse.ArgumentParser) -> None:
@@ -27,7 +23,7 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         "hook",
         help="what libvirt runs (stdin: domain XML)",
         description="The libvirt qemu hook: DOMAIN OP SUBOP EXTRA, the domain XML on stdin. "
-        "Installed hooks run hvcpolicy/hook.py directly; this is the same entry.",
+        "Installed hooks run hvcpolicy.hook.entry directly; this is the same entry.",
         epilog="example: hvcpolicy hook web1 prepare begin - < web1.xml",
     )
     p.add_argument("libvirt_args", nargs="*", metavar="ARG")
@@ -110,9 +106,9 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
 
 
 def cmd_hook(args: argparse.Namespace) -> int:
-    from hvcpolicy import hook
+    from hvcpolicy.hook.entry import main
 
-    return hook.main(list(args.libvirt_args), sys.stdin.buffer)
+    return main(list(args.libvirt_args), sys.stdin.buffer)
 
 
 # --- attach -------------------------------------------------------------------------------------
@@ -235,10 +231,11 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from hvcpolicy import hook, libvirt
+    from hvcpolicy import libvirt
     from hvcpolicy.cli.common import subject_from_domain
     from hvcpolicy.domainxml import parse_domain
     from hvcpolicy.errors import HvcError, Refused
+    from hvcpolicy.hook.stages import check_host
     from hvcpolicy.savecycle import default_dir, image_dir
     from hvcpolicy.snapshot import DEFAULT_PATH, load_snapshot
     from hvcpolicy.start import start
@@ -268,7 +265,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             lock = StartLock.acquire(conf.run_dir, args.domain)
         try:
             if snap is not None:
-                target = hook.check_host(subject.policy, snap, where)
+                target = check_host(subject.policy, snap, where)
                 if lock is not None:  # the hook's prepare leaves this check to start
                     _audit(conf, domain, "prepare", "allowed", after=_regs(target))
             done = start(conn, dom, subject.policy, snap, timeout=args.timeout, save_dir=save_dir)
@@ -325,11 +322,11 @@ def _regs(registers: dict[int, int]) -> str:
 
 def _hook_config() -> Any:
     """The hook's config (its cache, policy dir, snapshot, run dir), None when unreadable."""
-    from hvcpolicy import hook
     from hvcpolicy.errors import HvcError
+    from hvcpolicy.hook.config import load_config
 
     try:
-        return hook.load_config()
+        return load_config()
     except HvcError:
         return None
 
@@ -337,152 +334,32 @@ def _hook_config() -> Any:
 def _cached_loader(conf: Any) -> Any:
     """Policies from the hook's validated cache when it holds them exactly as their files are
     now (the hook's own rules), else validated as before: no YAML or jsonschema on every start."""
-    from hvcpolicy.policycache import load_policy_cached
+    from hvcpolicy.policystore import resolve
 
     cache_dir = conf.cache_dir if conf is not None else None
-    return lambda ref, directory=None: load_policy_cached(ref, directory, cache_dir)
+    return lambda ref, directory=None: resolve(ref, directory, cache_dir)
 
 
 # --- install-hook -------------------------------------------------------------------------------
 
 
-def _template(pkgparent: str) -> str:
-    for pattern in HOOK_TEMPLATES:
-        path = pattern.format(pkgparent=pkgparent)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return f.read()
-    raise Unavailable(
-        "the hook script is not installed (looked in "
-        + ", ".join(p.format(pkgparent=pkgparent) for p in HOOK_TEMPLATES)
-        + ")"
-    )
-
-
-def _sh_quote(value: str) -> str:
-    return "'" + value.replace("'", "'\\''") + "'"
-
-
-def render_hook(
-    template: str, python: str, pkgparent: str, policy_dir: str, run_dir: str = "/run/hvcpolicy"
-) -> str:
-    import re
-
-    settings = {
-        "HVC_PYTHON": python,
-        "HVC_PKGDIR": pkgparent,
-        "HVC_POLICY_DIR": policy_dir,
-        "HVC_RUN_DIR": run_dir,
-    }
-    out = template
-    for key, value in settings.items():
-        out, n = re.subn(rf"^{key}=.*$", f"{key}={_sh_quote(value)}", out, count=1, flags=re.M)
-        if n != 1:
-            raise Unavailable(f"hook template has no {key}= line")
-    return out
-
-
-def _write_atomic(path: str, text: str, mode: int) -> None:
-    import tempfile
-
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".hvcpolicy-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_config(path: str, updates: dict[str, str | None]) -> dict[str, str]:
-    """Update (or create) the hook config with ``updates``; -> every value it now holds."""
-    from hvcpolicy.hook import DEFAULTS, parse_config
-
-    current: dict[str, str] = dict(DEFAULTS)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            current = parse_config(f.read(), path)
-    for key, value in updates.items():
-        if value is not None:
-            current[key] = value
-    lines = ["# hvcpolicy libvirt hook configuration (written by `hvcpolicy install-hook`)"]
-    lines += [f"{k} = {current[k]}" for k in DEFAULTS]
-    _write_atomic(path, "\n".join(lines) + "\n", 0o644)
-    return current
-
-
-def refresh_policy_cache(policy_dir: str, cache_dir: str) -> list[str]:
-    """Validate every policy in the directory into the hook's cache; -> the names cached."""
-    from hvcpolicy import policycache
-    from hvcpolicy.policy import EXTENSIONS, load_policy_file
-
-    names: list[str] = []
-    if not os.path.isdir(policy_dir):
-        return names
-    for entry in sorted(os.listdir(policy_dir)):
-        if entry.endswith(EXTENSIONS):
-            policy = load_policy_file(os.path.join(policy_dir, entry))
-            policycache.store(policy, policy_dir, cache_dir)
-            names.append(policy.name)
-    return names
-
-
-def reload_libvirtd(pid_file: str) -> str:
-    """SIGHUP the libvirtd of ``pid_file`` (checked to be libvirtd), so it finds the hook."""
-    try:
-        with open(pid_file, encoding="ascii") as f:
-            pid = int(f.read().strip() or "0")
-    except (OSError, ValueError):
-        return f"no libvirtd pid in {pid_file}: start (or restart) libvirtd to load the hook"
-    try:
-        with open(f"/proc/{pid}/comm", encoding="ascii") as f:
-            comm = f.read().strip()
-    except OSError:
-        return f"libvirtd ({pid_file}: {pid}) is not running: it finds the hook when it starts"
-    if comm not in ("libvirtd", "virtqemud"):
-        return f"{pid_file} names pid {pid} ({comm}), not libvirtd: not signalled"
-    import signal
-
-    os.kill(pid, signal.SIGHUP)
-    return f"{comm} (pid {pid}) reloaded"
-
-
 def cmd_install_hook(args: argparse.Namespace) -> int:
-    from hvcpolicy import hook
+    from hvcpolicy.hook.config import config_path
+    from hvcpolicy.hook.install import install_hook
     from hvcpolicy.policy import policy_dir
 
-    pkgparent = os.path.dirname(os.path.dirname(os.path.abspath(hook.__file__)))
     python = args.python or os.path.realpath(sys.executable)
-    conf_path = args.config or hook.config_path()
+    conf_path = args.config or config_path()
     fresh = args.policy_dir is not None or not os.path.exists(conf_path)
-    values = write_config(
-        conf_path,
-        {
-            "policy_dir": policy_dir(args.policy_dir) if fresh else None,
-            "host_snapshot": args.host_snapshot,
-            "cache_dir": args.cache_dir,
-            "audit_file": args.audit_file,
-            "qmp_timeout": args.qmp_timeout,
-            "run_dir": args.run_dir,
-        },
-    )
-    hook.load_config(conf_path)  # what the hook will read must parse and be trusted
-    os.makedirs(values["cache_dir"], mode=0o755, exist_ok=True)
-    cached = refresh_policy_cache(values["policy_dir"], values["cache_dir"])
-    script = render_hook(
-        _template(pkgparent), python, pkgparent, values["policy_dir"], values["run_dir"]
-    )
-    target = os.path.join(args.hooks_dir, "qemu.d", HOOK_NAME)
-    _write_atomic(target, script, 0o755)
-    out = [f"installed {target} (python {python}, package {pkgparent})", f"config {conf_path}"]
-    if cached:
-        out.append(f"policy cache {values['cache_dir']}: {', '.join(cached)}")
-    if not args.no_reload:
-        out.append(reload_libvirtd(args.pid_file))
+    updates = {
+        "policy_dir": policy_dir(args.policy_dir) if fresh else None,
+        "host_snapshot": args.host_snapshot,
+        "cache_dir": args.cache_dir,
+        "audit_file": args.audit_file,
+        "qmp_timeout": args.qmp_timeout,
+        "run_dir": args.run_dir,
+    }
+    pid_file = None if args.no_reload else args.pid_file
+    out = install_hook(args.hooks_dir, conf_path, python, updates, pid_file)
     sys.stdout.write("\n".join(out) + "\n")
     return EXIT_OK

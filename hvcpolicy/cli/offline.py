@@ -17,6 +17,7 @@ from hvcpolicy.cli.common import (
     subject_from_domain,
 )
 from hvcpolicy.errors import EXIT_INVALID, EXIT_OK, EXIT_REFUSED, InvalidInput
+from hvcpolicy.files import read_bounded
 from hvcpolicy.planner import Plan, Verdict, check_migration, host_level_rank, plan_start
 from hvcpolicy.policy import EXTENSIONS, LEVEL_NAMES, parse_policy, schema_problems, stem_of
 from hvcpolicy.snapshot import (
@@ -26,7 +27,6 @@ from hvcpolicy.snapshot import (
     dumps,
     load_snapshot,
     parse_snapshot,
-    read_bounded,
     save_snapshot,
 )
 

@@ -1,4 +1,4 @@
-"""The hook without libvirt: ``hooks/qemu``'s shell pre-filter, and ``hvcpolicy/hook.py`` stage by
+"""The hook without libvirt: ``hooks/qemu``'s shell pre-filter, and ``hvcpolicy/hook/`` stage by
 stage, run the way libvirt runs them (a separate, isolated process; the XML on stdin) against
 ``hvcpolicy simulate``."""
 
@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from hvcpolicy import hook as hookmod
 from hvcpolicy.errors import InvalidInput
+from hvcpolicy.hook import config as hookconf
+from hvcpolicy.hook import entry as hookmod
 from hvcpolicy.simulator.harness import simulator_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,8 +64,8 @@ def env(tmp_path: Path) -> Path:
     (tmp_path / "run.py").write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "import hvcpolicy.hook as h\n"
-        f"h.SYSTEM_CONF = {str(tmp_path / 'hook.conf')!r}\n"
+        "import hvcpolicy.hook.config as c, hvcpolicy.hook.entry as h\n"
+        f"c.SYSTEM_CONF = {str(tmp_path / 'hook.conf')!r}\n"
         "sys.exit(h.main(sys.argv[1:], sys.stdin.buffer))\n"
     )
     return tmp_path
@@ -141,7 +142,7 @@ def test_sh_hands_python_the_whole_xml(sh_hook: Path, stage: str) -> None:
     d = sh_hook.parent
     argv = (d / "argv").read_text().splitlines()
     assert argv[:3] == ["-I", "-S", "-c"]
-    assert "from hvcpolicy.hook import main" in argv[3]
+    assert "from hvcpolicy.hook.entry import main" in argv[3]
     assert argv[4:] == ["/usr/lib/python3/dist-packages", "g1", stage, "begin", "-"]
     head, rest = (d / "head").read_text(), (d / "rest").read_text()
     assert head and head + rest == xml  # the shell read only what it needed, byte-exact
@@ -200,8 +201,8 @@ def test_fast_stages_import_no_heavy_modules(env: Path) -> None:
     probe.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "import hvcpolicy.hook as h\n"
-        f"h.SYSTEM_CONF = {str(env / 'hook.conf')!r}\n"
+        "import hvcpolicy.hook.config as c, hvcpolicy.hook.entry as h\n"
+        f"c.SYSTEM_CONF = {str(env / 'hook.conf')!r}\n"
         "rc = h.main(sys.argv[1:], sys.stdin.buffer)\n"
         "heavy = {'argparse', 'yaml', 'jsonschema', 'asyncio', 'libvirt', 'qemu', 'typing',\n"
         "         'dataclasses', 'site'}\n"
@@ -271,12 +272,12 @@ def test_config_others_can_write_is_not_trusted(env: Path) -> None:
     conf = env / "hook.conf"
     conf.chmod(0o666)
     with pytest.raises(InvalidInput, match="not trusted"):
-        hookmod.load_config(str(conf))
+        hookconf.load_config(str(conf))
     conf.chmod(0o644)
-    assert hookmod.load_config(str(conf)).qmp_timeout == 2
+    assert hookconf.load_config(str(conf)).qmp_timeout == 2
     conf.write_text("bogus = 1\n")
     with pytest.raises(InvalidInput, match="line 1"):
-        hookmod.load_config(str(conf))
+        hookconf.load_config(str(conf))
 
 
 def test_unmanaged_domain_is_left_alone_even_by_python(env: Path) -> None:
@@ -322,7 +323,7 @@ def test_stdin_is_read_bounded(env: Path, monkeypatch: pytest.MonkeyPatch) -> No
             assert 0 <= n <= (8 << 20) + 1, f"unbounded read({n})"
             return b" " * n
 
-    monkeypatch.setattr(hookmod, "SYSTEM_CONF", str(env / "hook.conf"))
+    monkeypatch.setattr(hookconf, "SYSTEM_CONF", str(env / "hook.conf"))
     stdin = Endless()
     assert hookmod.main(["g1", "prepare", "begin", "-"], stdin) == 1  # type: ignore[arg-type]
     assert stdin.asked == [(8 << 20) + 1]
@@ -514,7 +515,7 @@ def test_start_serves_the_hooks_own_stage(env: Path) -> None:
 
     lock_file = _with_run_dir(env)
     sock = str(env / "qmp.sock")
-    conf = hookmod.load_config(str(env / "hook.conf"))
+    conf = hookconf.load_config(str(env / "hook.conf"))
     xml = domain("noptp", sock).encode()
     with StartLock.acquire(str(lock_file.parent.parent), "g1") as lock:  # type: ignore[union-attr]
         with simulator_process(sock, "6.18", "--vcpus", "2"):
