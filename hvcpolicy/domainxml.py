@@ -19,9 +19,11 @@ from hvcpolicy.record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from xml.etree.ElementTree import Element
 
     from hvcpolicy.policy import FeatureKey
+    from hvcpolicy.snapshot import Snapshot
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 _OUR_NS_PREFIX = "https://hvcpolicy.dev/"
@@ -417,6 +419,29 @@ def render_policy(meta: DomainPolicy) -> str:
 
 def with_applied(meta: DomainPolicy, applied: Applied) -> DomainPolicy:
     return meta.replace(applied=applied)
+
+
+def applied_element(
+    meta: DomainPolicy,
+    registers: Mapping[int, int],
+    snap: Snapshot | None,
+    backend: str | None = None,
+) -> str:
+    """The domain's ``<hvc:policy>`` with ``<hvc:applied>``: what this host (its snapshot's
+    name and kernel, else uname's) left in the guest, when, and through which backend. For the
+    hook's recorder, ``hvcpolicy start`` and the stream backend's restore alike."""
+    import os
+    import time
+
+    u = os.uname()
+    applied = Applied(
+        host=snap.host if snap is not None else u.nodename,
+        kernel=snap.kernel if snap is not None else u.release,
+        at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        registers=dict(registers),
+        backend=backend,
+    )
+    return render_policy(with_applied(meta, applied))
 
 
 def _tree(xml: str) -> Element:

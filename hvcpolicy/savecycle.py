@@ -34,6 +34,8 @@ import stat
 from hvcpolicy import libvirt
 from hvcpolicy.errors import HvcError, Unavailable
 from hvcpolicy.firmware import STREAM_BACKEND, Registers
+from hvcpolicy.startlock import BUSY as BUSY_PHASE
+from hvcpolicy.startlock import RESTORE as RESTORE_PHASE
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from hvcpolicy.saveimage import Image
+    from hvcpolicy.startlock import StartLock
 
 SYSTEM_DIR = "/var/lib/hvcpolicy/save"
 USER_DIR = ".local/state/hvcpolicy/save"  # under the home of a qemu:///session user
@@ -143,9 +146,10 @@ class StreamFirmware:
     """One never-run guest's firmware registers through save -> patch -> restore (the
     :class:`~hvcpolicy.firmware.Firmware` interface). ``policy_element(registers)`` renders the
     ``<hvc:policy>`` element (with ``<hvc:applied backend="stream">``) the restore records, or
-    None to restore the XML as saved. ``snapshot_first``: read by a memory snapshot before
-    deciding to save (the host's snapshot predicts no write). ``any_register``: read and write
-    every register of the cpreg list, not only the firmware ones (tests on TCG, whose lists
+    None to restore the XML as saved. ``lock``: the domain's start lock, whose phase the
+    restore sets, so the hook recognises the restore as this cycle's. ``snapshot_first``: read
+    by a memory snapshot before deciding to save (the host's snapshot predicts no write).
+    ``any_register``: read and write every register of the cpreg list, not only the firmware ones (tests on TCG, whose lists
     have no firmware registers)."""
 
     backend = STREAM_BACKEND
@@ -159,6 +163,7 @@ class StreamFirmware:
         *,
         snapshot_first: bool = False,
         any_register: bool = False,
+        lock: StartLock | None = None,
     ) -> None:
         self.conn = conn
         self.dom = dom
@@ -169,6 +174,7 @@ class StreamFirmware:
         self.policy_element = policy_element
         self.snapshot_first = snapshot_first
         self.any_register = any_register
+        self.lock = lock  # its phase says "restore" while libvirt restores: the hook steps aside
         self.sparse = libvirt.sparse_saves(conn, libvirt.domain_xml(dom))
         self.domid = libvirt.domain_id(dom)
         self.state = "prelaunch"  # started paused by the caller, never ran
@@ -310,7 +316,13 @@ class StreamFirmware:
         self.paths.record(RESTORING, self.domid)
         self.step = "restoring"
         self.written = target
-        libvirt.restore_paused(self.conn, path, xml)
+        if self.lock is not None:
+            self.lock.phase(RESTORE_PHASE)
+        try:
+            libvirt.restore_paused(self.conn, path, xml)
+        finally:
+            if self.lock is not None:
+                self.lock.phase(BUSY_PHASE)
         self.restored = True
         self.dom = libvirt.lookup_uuid(self.conn, self.uuid)
         self.domid = libvirt.domain_id(self.dom)

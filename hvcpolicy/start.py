@@ -20,8 +20,6 @@ afresh.
 
 from __future__ import annotations
 
-import os
-
 from hvcpolicy import libvirt
 from hvcpolicy.errors import HvcError, InterfaceMissing, UsageError
 
@@ -29,11 +27,12 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from hvcpolicy.domainxml import Domain, DomainPolicy
+    from hvcpolicy.domainxml import Domain
     from hvcpolicy.enforce import ApplyResult
     from hvcpolicy.firmware import Firmware, Registers
     from hvcpolicy.policy import Policy
     from hvcpolicy.snapshot import Snapshot
+    from hvcpolicy.startlock import StartLock
 
 
 class Outcome:
@@ -46,26 +45,6 @@ class Outcome:
         self.backend = result.backend
         self.outcome = result.outcome
         self.notes = notes
-
-
-def applied_element(
-    meta: DomainPolicy, registers: Registers, snap: Snapshot | None, backend: str
-) -> str:
-    """The domain's ``<hvc:policy>`` with ``<hvc:applied>``: what this host (its snapshot's
-    name and kernel, else uname's) left in the guest, when, and through which backend."""
-    import time
-
-    from hvcpolicy.domainxml import Applied, render_policy, with_applied
-
-    u = os.uname()
-    applied = Applied(
-        host=snap.host if snap is not None else u.nodename,
-        kernel=snap.kernel if snap is not None else u.release,
-        at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        registers=dict(registers),
-        backend=backend,
-    )
-    return render_policy(with_applied(meta, applied))
 
 
 def unsaveable(xml: str) -> str | None:
@@ -98,6 +77,7 @@ def firmware_for(
     timeout: float,
     save_dir: str,
     snapshot_first: bool,
+    lock: StartLock | None = None,
 ) -> Firmware:
     """The backend for this guest: the QMP property when its QEMU has it, else the stream
     backend when it can be saved; InterfaceMissing (the flow then applies
@@ -124,7 +104,9 @@ def firmware_for(
     from hvcpolicy.savecycle import Paths, StreamFirmware, image_dir
 
     paths = Paths(image_dir(save_dir), str(libvirt.call("uuid", dom.UUIDString)))
-    return StreamFirmware(conn, dom, paths, policy_element, snapshot_first=snapshot_first)
+    return StreamFirmware(
+        conn, dom, paths, policy_element, snapshot_first=snapshot_first, lock=lock
+    )
 
 
 def enforce_paused(
@@ -135,11 +117,12 @@ def enforce_paused(
     *,
     timeout: float,
     save_dir: str,
+    lock: StartLock | None = None,
 ) -> Outcome:
     """Enforce ``policy`` on the domain ``dom``, which libvirt has just started paused (it never
     ran): pick the backend, run the flow, record ``<hvc:applied>``, resume. On failure the guest
     is not resumed; the error's message says where it is and how to recover."""
-    from hvcpolicy.domainxml import parse_domain
+    from hvcpolicy.domainxml import applied_element, parse_domain
     from hvcpolicy.enforce import UNSUPPORTED_WARNED, enforce, unsupported
     from hvcpolicy.firmware import STREAM_BACKEND
     from hvcpolicy.planner import plan_start
@@ -161,7 +144,15 @@ def enforce_paused(
     try:
         try:
             fw = firmware_for(
-                conn, dom, live, live_xml, element, timeout, save_dir, snapshot_first=not predicted
+                conn,
+                dom,
+                live,
+                live_xml,
+                element,
+                timeout,
+                save_dir,
+                snapshot_first=not predicted,
+                lock=lock,
             )
         except InterfaceMissing as missing:
             from typing import cast
@@ -225,23 +216,31 @@ def start(
     *,
     timeout: float,
     save_dir: str,
+    lock: StartLock | None = None,
 ) -> Outcome:
     """What ``hvcpolicy start`` does once it holds the start lock and has checked the host:
     recover from an interrupted start, start paused, :func:`enforce_paused`."""
     from hvcpolicy.savecycle import STARTED, STARTING, Paths, checkpoint
+    from hvcpolicy.startlock import BUSY as BUSY_PHASE
+    from hvcpolicy.startlock import START as START_PHASE
 
     name = str(libvirt.call("name", dom.name))
     notes = recover(dom, name, save_dir)
     paths = Paths(save_dir, str(libvirt.call("uuid", dom.UUIDString)))
     paths.record(STARTING, -1)  # a start killed from here on is recognised by the next one
+    if lock is not None:
+        lock.phase(START_PHASE)  # the hook's prepare and started step aside
     try:
         libvirt.start_paused(dom)
     except HvcError:
         paths.clear()
         raise
+    finally:
+        if lock is not None:
+            lock.phase(BUSY_PHASE)
     paths.record(STARTED, libvirt.domain_id(dom))
     checkpoint("started")
-    outcome = enforce_paused(conn, dom, policy, snap, timeout=timeout, save_dir=save_dir)
+    outcome = enforce_paused(conn, dom, policy, snap, timeout=timeout, save_dir=save_dir, lock=lock)
     paths.clear()
     outcome.notes[:0] = notes
     return outcome

@@ -255,7 +255,9 @@ def cmd_start(args: argparse.Namespace) -> int:
             or (conf.host_snapshot if conf else DEFAULT_PATH)
         )
         snap = load_snapshot(snap_path) if os.path.exists(snap_path) else None
-        save_dir = image_dir(args.save_dir or default_dir())
+        save_dir = image_dir(
+            args.save_dir or (conf.save_dir if conf is not None else None) or default_dir()
+        )
         lock = None
         if conf is not None:
             from hvcpolicy.startlock import StartLock
@@ -268,7 +270,15 @@ def cmd_start(args: argparse.Namespace) -> int:
                 target = check_host(subject.policy, snap, where)
                 if lock is not None:  # the hook's prepare leaves this check to start
                     _audit(conf, domain, "prepare", "allowed", after=_regs(target))
-            done = start(conn, dom, subject.policy, snap, timeout=args.timeout, save_dir=save_dir)
+            done = start(
+                conn,
+                dom,
+                subject.policy,
+                snap,
+                timeout=args.timeout,
+                save_dir=save_dir,
+                lock=lock,
+            )
         except HvcError as err:
             outcome = "refused" if isinstance(err, Refused) else "error"
             _audit(conf, domain, "start", outcome, reason=err.message)

@@ -9,6 +9,8 @@
     qmp_timeout = 5
     audit_file =                # optional: also append audit lines here (syslog always)
     run_dir = /run/hvcpolicy
+    save_dir =                  # the stream backend's images (0700); empty: /var/lib/hvcpolicy/save
+                                # for root, ~/.local/state/hvcpolicy/save for a session user
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ DEFAULTS = {
     "qmp_timeout": "5",
     "audit_file": "",
     "run_dir": "/run/hvcpolicy",
+    "save_dir": "",
 }
 MAX_CONF = 64 << 10
 
@@ -42,6 +45,7 @@ class Config:
         self.cache_dir = values["cache_dir"]
         self.audit_file = values["audit_file"] or None
         self.run_dir = values["run_dir"]
+        self.save_dir = values["save_dir"] or None
         try:
             self.qmp_timeout = float(values["qmp_timeout"])
         except ValueError:

@@ -10,7 +10,7 @@ never fails. Everything else exits 0 at once.
 
 from __future__ import annotations
 
-from hvcpolicy.errors import HvcError, Refused, Unavailable, bounded
+from hvcpolicy.errors import HvcError, InterfaceMissing, Refused, Unavailable, bounded
 from hvcpolicy.hook.context import regs
 
 TYPE_CHECKING = False  # typing costs more than the interpreter's start-up: checker-only names
@@ -82,6 +82,13 @@ def stage_started(hook: Hook) -> int:
     with qmp:
         try:
             qmp.vcpus()
+        except InterfaceMissing:  # a stock QEMU: its QMP still tells the runstate
+            state = qmp.runstate()
+            hook.audit["stage"] = f"started/{state}"
+            qmp.close()  # before any fork
+            from hvcpolicy.hook.stock import started_stock
+
+            return started_stock(hook, policy, state)
         except Unavailable as err:
             return _unsupported(hook, policy, err)
         state = qmp.runstate()
@@ -191,16 +198,9 @@ def _apply_prelaunch(hook: Hook, policy: Policy, qmp: HookQMP) -> int:
     meta = hook.domain.meta
     if meta is not None:
         qmp.close()  # before any fork: QEMU serves one QMP client at a time
-        from hvcpolicy import startlock
         from hvcpolicy.hook.recorder import hook_element, spawn_recorder
 
-        element = hook_element(hook, after)
-        # `hvcpolicy start` drives this start: it records and resumes, and no virsh races it
-        handed = startlock.hand_over(hook.conf.run_dir, hook.argv[0], before, after, element)
-        if not handed and hook.served:  # start's own lock, lost: and never fork from start
-            raise Unavailable(f"hvcpolicy: {hook.argv[0]!r}: the start lock was lost")
-        if not handed:
-            spawn_recorder(hook, element, meta.resume_after_apply)
+        spawn_recorder(hook, hook_element(hook, after), meta.resume_after_apply)
     return 0
 
 
