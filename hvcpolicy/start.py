@@ -164,8 +164,8 @@ def enforce_paused(
             return Outcome(result, [])
         result = enforce(fw, policy, host=host, runstate="prelaunch", domain=name)
         if result.outcome != UNSUPPORTED_WARNED and meta is not None:
-            restored = getattr(fw, "restored", False)  # the stream's restore recorded it
-            if not restored:
+            # a saved guest is recorded by its restore (in resume, when nothing was written)
+            if not getattr(fw, "saved", False):
                 registers = result.applied_registers()
                 recorded = applied_element(meta, registers, snap, fw.backend)
                 libvirt.set_policy_metadata(getattr(fw, "dom", dom), recorded, live=True)

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ from tests.libvirt.conftest import NS, SYSTEM_URI, Lab, run, virsh, wait_for
 # vCPU's cpreg list; its AArch32 alias TPIDRURW follows it in QEMU's state.
 TPIDR_EL0 = 0x603000000013DE82
 TPIDRURW = 0x40200000200F6802
-# MIDR_EL1: constant under TCG; a list carrying another value fails QEMU's load
-MIDR_EL1 = 0x603000000013C000
+# REVIDR_EL1: constant under TCG; a list carrying another value fails QEMU's load
+REVIDR_EL1 = 0x603000000013C006
 
 POLICIES: dict[str, dict[str, object]] = {
     # denies a feature the host snapshot offers: start predicts a write, so it saves first
@@ -73,7 +72,7 @@ def live_xml(name: str) -> str:
     return str(virsh(SYSTEM_URI, "dumpxml", name, timeout=30).stdout)
 
 
-def start_cmd(lab: Lab, name: str, save_dir: Path, fault: str | None = None) -> list[str]:
+def start_cmd(name: str, save_dir: Path) -> list[str]:
     return [sys.executable, "-m", "hvcpolicy", "start", name, "--save-dir", str(save_dir)]
 
 
@@ -87,7 +86,7 @@ def env(lab: Lab, fault: str | None = None) -> dict[str, str]:
 def hvc_start(lab: Lab, name: str, save_dir: Path, fault: str | None = None) -> Any:
     """``hvcpolicy start NAME`` to the end (a ``STEP:kill`` fault ends it there)."""
     return run(
-        start_cmd(lab, name, save_dir),
+        start_cmd(name, save_dir),
         timeout=180,
         check=False,
         env=env(lab, fault),
@@ -99,7 +98,7 @@ def stopped_at(lab: Lab, name: str, save_dir: Path, step: str) -> subprocess.Pop
     """``hvcpolicy start NAME`` stopped (SIGSTOP) at ``step``: the caller acts, then
     :func:`carry_on`."""
     proc = subprocess.Popen(
-        start_cmd(lab, name, save_dir),
+        start_cmd(name, save_dir),
         env=env(lab, f"{step}:stop"),
         cwd="/",
         stdout=subprocess.PIPE,
@@ -109,8 +108,10 @@ def stopped_at(lab: Lab, name: str, save_dir: Path, step: str) -> subprocess.Pop
 
     def stopped() -> bool:
         if proc.poll() is not None:
-            raise AssertionError(f"start ended (rc {proc.returncode}) before {step}: "
-                                 f"{proc.stderr.read() if proc.stderr else ''}")
+            raise AssertionError(
+                f"start ended (rc {proc.returncode}) before {step}: "
+                f"{proc.stderr.read() if proc.stderr else ''}"
+            )
         try:
             fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -145,7 +146,3 @@ def wait_state(name: str, want: str, timeout: float = 30) -> None:
 
 def images(save_dir: Path) -> list[str]:
     return sorted(p.name for p in save_dir.iterdir()) if save_dir.exists() else []
-
-
-def settle(seconds: float) -> None:
-    time.sleep(seconds)
