@@ -378,6 +378,8 @@ class StreamFirmware:
         -> where the guest is now and how to recover, for the one-line message."""
         start_again = f"`hvcpolicy start {self.name}` starts it afresh"
         try:
+            # a fresh handle: a handle's id is the one it was looked up with
+            self.dom = libvirt.lookup_uuid(self.conn, self.uuid)
             active = libvirt.is_active(self.dom)
             domid = libvirt.domain_id(self.dom) if active else -1
         except HvcError:

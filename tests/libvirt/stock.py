@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.libvirt.conftest import NS, SYSTEM_URI, Lab, run, virsh, wait_for
+from tests.libvirt.conftest import NS, SYSTEM_QMP_DIR, SYSTEM_URI, Lab, run, virsh, wait_for
 
 # TPIDR_EL0 (op0 3, op1 3, CRn 13, CRm 0, op2 2): a plain read-write register in every TCG
 # vCPU's cpreg list; its AArch32 alias TPIDRURW follows it in QEMU's state.
@@ -35,13 +35,23 @@ POLICIES: dict[str, dict[str, object]] = {
 }
 
 
-def stock_xml(name: str, policy: str | None, vcpus: int = 2, memory_mib: int = 128) -> str:
+def stock_xml(
+    name: str, policy: str | None, vcpus: int = 2, memory_mib: int = 128, qmp: bool = False
+) -> str:
+    """``qmp``: a second QMP socket for hvcpolicy, as ``hvcpolicy attach`` adds: QEMU's own
+    QMP (runstate, no firmware registers)."""
+    cmdline = (
+        "<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg "
+        f"value='unix:{SYSTEM_QMP_DIR}/{name}.qmp,server=on,wait=off'/></qemu:commandline>"
+        if qmp
+        else ""
+    )
     meta = (
         f'<metadata><hvc:policy xmlns:hvc="{NS}" ref="{policy}"/></metadata>'
         if policy is not None
         else ""
     )
-    return f"""<domain type='qemu'>
+    return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
   {meta}
   <memory unit='MiB'>{memory_mib}</memory>
@@ -49,6 +59,7 @@ def stock_xml(name: str, policy: str | None, vcpus: int = 2, memory_mib: int = 1
   <os><type arch='aarch64' machine='virt'>hvm</type></os>
   <cpu mode='custom' match='exact'><model fallback='forbid'>cortex-a57</model></cpu>
   <devices><console type='pty'/></devices>
+  {cmdline}
 </domain>
 """
 
