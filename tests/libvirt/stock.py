@@ -36,7 +36,12 @@ POLICIES: dict[str, dict[str, object]] = {
 
 
 def stock_xml(
-    name: str, policy: str | None, vcpus: int = 2, memory_mib: int = 128, qmp: bool = False
+    name: str,
+    policy: str | None,
+    vcpus: int = 2,
+    memory_mib: int = 128,
+    qmp: bool = False,
+    resume: bool = False,
 ) -> str:
     """``qmp``: a second QMP socket for hvcpolicy, as ``hvcpolicy attach`` adds: QEMU's own
     QMP (runstate, no firmware registers)."""
@@ -46,8 +51,9 @@ def stock_xml(
         if qmp
         else ""
     )
+    inner = '<hvc:resume after="apply"/>' if resume else ""
     meta = (
-        f'<metadata><hvc:policy xmlns:hvc="{NS}" ref="{policy}"/></metadata>'
+        f'<metadata><hvc:policy xmlns:hvc="{NS}" ref="{policy}">{inner}</hvc:policy></metadata>'
         if policy is not None
         else ""
     )

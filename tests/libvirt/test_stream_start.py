@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from hvcpolicy.errors import EXIT_REFUSED
-from tests.libvirt.conftest import SYSTEM_URI, Daemon, Lab
+from tests.libvirt.conftest import SYSTEM_URI, Daemon, Lab, virsh, wait_for
 from tests.libvirt.stock import (
     REVIDR_EL1,
     TPIDR_EL0,
@@ -201,5 +201,35 @@ def test_start_refuses_a_running_domain(lab: Lab, system_libvirtd: Daemon, save_
         done = hvc_start(lab, name, save_dir)
         assert done.returncode == 2 and "already running" in one_line(done.stderr)
         assert state(name) == "running"  # never touched
+    finally:
+        cleanup(name)
+
+
+def test_virsh_start_paused_with_resume_after_apply_runs_the_cycle_from_the_hooks_child(
+    lab: Lab, system_libvirtd: Daemon
+) -> None:
+    """``virsh start --paused`` of a stock-QEMU guest with ``<hvc:resume after="apply"/>``: the
+    hook's started stage (prelaunch, read over QEMU's own QMP socket) spawns the detached child,
+    which, once libvirt's start job has ended, runs the same cycle as ``hvcpolicy start`` under
+    the domain's start lock: its save, its restore (whose hook calls step aside) and read-back,
+    then the resume. The hook itself never calls libvirt."""
+    name = define_stock(lab, "noptp", qmp=True, resume=True)
+    try:
+        virsh(SYSTEM_URI, "start", "--paused", name)
+        wait_for(lambda: state(name) == "running", 60, f"{name} running")
+        assert _qemu_starts(name) == 2  # the paused start, then the child's restore
+        assert 'backend="stream"' in live_xml(name)
+        mine = [x for x in lab.audit() if f"domain={name} " in x]
+        deferred = [x for x in mine if "outcome=stream-deferred" in x]
+        assert len(deferred) == 1 and "stage=started/prelaunch" in deferred[0], mine
+        wait_for(
+            lambda: [x for x in lab.audit() if f"domain={name} " in x and "started/stream" in x],
+            30,
+            "the child's audit line",
+        )
+        child = [x for x in lab.audit() if f"domain={name} " in x and "started/stream" in x]
+        assert "outcome=unchanged" in child[0] and "backend=stream" in child[0]
+        # the restore's prepare and started were the child's own: no second deferral
+        assert len([x for x in lab.audit() if f"domain={name} " in x and "deferred" in x]) == 1
     finally:
         cleanup(name)
