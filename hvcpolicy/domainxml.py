@@ -492,3 +492,22 @@ def unprefixed(element: str) -> str:
 
     element = element.replace(f' xmlns:hvc="{XMLNS}"', "", 1)
     return re.sub(r"<(/?)hvc:", r"<\1", element)
+
+
+def unsaveable(xml: str) -> str | None:
+    """Why libvirt cannot save this guest (so the stream backend cannot reach it), from its
+    live XML; None when nothing known stands in the way (the save itself has the last word)."""
+    root = _tree(xml)
+    if root.find("devices/hostdev") is not None:
+        return "it has a host device (VFIO) assigned, which cannot migrate"
+    for fs in root.iterfind("devices/filesystem"):
+        driver = fs.find("driver")
+        if driver is not None and driver.get("type") == "virtiofs":
+            return "it shares a directory through virtiofs, which cannot migrate"
+    for iface in root.iterfind("devices/interface"):
+        if iface.get("type") == "vhostuser":
+            return "it has a vhost-user interface, whose backend may not migrate"
+    for feature in root.iterfind("features/*"):
+        if feature.tag == "mte" or (feature.tag == "arm" and feature.find("mte") is not None):
+            return "it has MTE enabled, which disables migration"
+    return None

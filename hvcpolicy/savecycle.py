@@ -149,8 +149,8 @@ class StreamFirmware:
     None to restore the XML as saved. ``lock``: the domain's start lock, whose phase the
     restore sets, so the hook recognises the restore as this cycle's. ``snapshot_first``: read
     by a memory snapshot before deciding to save (the host's snapshot predicts no write).
-    ``any_register``: read and write every register of the cpreg list, not only the firmware ones (tests on TCG, whose lists
-    have no firmware registers)."""
+    ``any_register``: read and write every register of the cpreg list, not only the firmware
+    ones (tests on TCG, whose lists have no firmware registers)."""
 
     backend = STREAM_BACKEND
 

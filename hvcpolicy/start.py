@@ -47,27 +47,6 @@ class Outcome:
         self.notes = notes
 
 
-def unsaveable(xml: str) -> str | None:
-    """Why libvirt cannot save this guest (so the stream backend cannot reach it), from its
-    live XML; None when nothing known stands in the way (the save itself has the last word)."""
-    import xml.etree.ElementTree as ET
-
-    root = ET.fromstring(xml)
-    if root.find("devices/hostdev") is not None:
-        return "it has a host device (VFIO) assigned, which cannot migrate"
-    for fs in root.iterfind("devices/filesystem"):
-        driver = fs.find("driver")
-        if driver is not None and driver.get("type") == "virtiofs":
-            return "it shares a directory through virtiofs, which cannot migrate"
-    for iface in root.iterfind("devices/interface"):
-        if iface.get("type") == "vhostuser":
-            return "it has a vhost-user interface, whose backend may not migrate"
-    for feature in root.iterfind("features/*"):
-        if feature.tag == "mte" or (feature.tag == "arm" and feature.find("mte") is not None):
-            return "it has MTE enabled, which disables migration"
-    return None
-
-
 def firmware_for(
     conn: Any,
     dom: Any,
@@ -95,6 +74,8 @@ def firmware_for(
             qmp.close()
             raise
         qmp.close()  # a stock QEMU: QEMU goes away on the save, let it go cleanly
+    from hvcpolicy.domainxml import unsaveable
+
     why = unsaveable(live_xml)
     if why is not None:
         raise InterfaceMissing(
@@ -163,12 +144,12 @@ def enforce_paused(
             result.resumed = True
             return Outcome(result, [])
         result = enforce(fw, policy, host=host, runstate="prelaunch", domain=name)
-        if result.outcome != UNSUPPORTED_WARNED and meta is not None:
-            # a saved guest is recorded by its restore (in resume, when nothing was written)
-            if not getattr(fw, "saved", False):
-                registers = result.applied_registers()
-                recorded = applied_element(meta, registers, snap, fw.backend)
-                libvirt.set_policy_metadata(getattr(fw, "dom", dom), recorded, live=True)
+        # a saved guest is recorded by its restore (in resume, when nothing was written)
+        saved = getattr(fw, "saved", False)
+        if result.outcome != UNSUPPORTED_WARNED and meta is not None and not saved:
+            registers = result.applied_registers()
+            recorded = applied_element(meta, registers, snap, fw.backend)
+            libvirt.set_policy_metadata(getattr(fw, "dom", dom), recorded, live=True)
         fw.resume()
         result.resumed = True
         return Outcome(result, [])

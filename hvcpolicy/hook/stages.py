@@ -57,7 +57,11 @@ def stage_move(hook: Hook) -> int:
     snap = hook.snapshot()
     meta = hook.domain.meta
     applied = meta.applied.registers if meta is not None and meta.applied is not None else None
-    verdict = check_migration(policy, snap, applied=applied)
+    # an explicit <hvc:qmp> names where the QMP interface is served (a QEMU that has it, or
+    # hvcpolicy simulate): registers new here are cleared on arrival. Else a stock QEMU: they
+    # keep this kernel's reset values, which must expose nothing new (SPEC section 7)
+    writable = meta is not None and meta.qmp_socket is not None
+    verdict = check_migration(policy, snap, applied=applied, writable_on_arrival=writable)
     what = "an incoming migration" if hook.stage == "migrate" else "a restore"
     if not verdict.ok:
         raise Refused(

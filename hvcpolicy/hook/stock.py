@@ -2,6 +2,7 @@
 property, so the hook can neither read nor write the registers (SPEC §7, §8). What it knows is
 the runstate (QEMU's own QMP) and what a fresh guest holds on this host (the host snapshot).
 
+- a guest that cannot be saved (VFIO, virtiofs, vhost-user, MTE): ``enforcement.unsupported-qemu``.
 - ``prelaunch`` with ``<hvc:resume after="apply"/>``: a detached child runs the stream backend's
   cycle (save, patch every vCPU, paused restore, read-back, resume) once libvirt's start job has
   ended, under the domain's start lock, exactly as ``hvcpolicy start`` does after its paused
@@ -31,7 +32,22 @@ PREDICTED = "predicted"  # not readable: this host's defaults are what the plan 
 
 
 def started_stock(hook: Hook, policy: Policy, state: str) -> int:
+    from hvcpolicy.domainxml import unsaveable
     from hvcpolicy.planner import plan_start
+
+    why = unsaveable(hook.xml.decode("utf-8", "replace"))
+    if why is not None:  # the stream backend cannot reach it either
+        from hvcpolicy.errors import InterfaceMissing
+
+        message = (
+            f"hvcpolicy: domain {hook.domain.name!r}: its QEMU has no firmware-register "
+            f"interface and the guest cannot be saved for the stream backend: {why}; policy "
+            f"{policy.name!r} cannot be enforced"
+        )
+        if policy.unsupported_qemu != "warn":
+            raise InterfaceMissing(f"{message} (enforcement.unsupported-qemu: refuse)")
+        hook.log("unsupported-qemu-warned", warning=True, reason=message)
+        return 0
 
     snap = hook.snapshot()
     plan = plan_start(policy, snap.registers)

@@ -245,10 +245,26 @@ def test_started_running_refuses_with_the_fix_or_verifies(env: Path) -> None:
 
 
 def test_started_without_the_interface_refuses_or_warns(env: Path) -> None:
+    """A stock QEMU (no kvm-firmware-registers property): the stream backend reaches a guest
+    that can be saved; one that cannot (a VFIO host device) follows unsupported-qemu."""
     sock = str(env / "qmp.sock")
+    hostdev = domain("open", sock).replace(
+        "<devices>", "<devices><hostdev mode='subsystem' type='pci'/>"
+    )
     with simulator_process(sock, "6.18", "--fault", "no-interface"):
-        refused = run_hook(env, "started", domain("open", sock))
-    assert refused.returncode == 1 and "no kvm-firmware-registers property" in refused.stderr
+        refused = run_hook(env, "started", hostdev)
+        paused = run_hook(env, "started", domain("noptp", sock))
+        complies = run_hook(env, "started", domain("open", sock))
+    assert refused.returncode == 1
+    assert "no firmware-register interface and the guest cannot be saved" in refused.stderr
+    assert "host device (VFIO)" in refused.stderr and "unsupported-qemu: refuse" in refused.stderr
+    # prelaunch, no resume-after-apply: stays paused; the audit line says how to enforce
+    assert paused.returncode == 0, paused.stderr
+    line = [x for x in audit(env) if "outcome=paused-unenforced" in x]
+    assert line and "stage=started/prelaunch" in line[0]
+    assert "hvcpolicy start g1" in line[0] and "resume" in line[0]
+    assert complies.returncode == 0, complies.stderr
+    assert [x for x in audit(env) if "outcome=predicted" in x]
 
 
 def test_started_qmp_wait_is_bounded(env: Path) -> None:
