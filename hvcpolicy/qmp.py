@@ -18,13 +18,15 @@ trip plus QEMU's work, not one round trip per vCPU.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from hvcpolicy.catalogue import U64_MAX, fmt_id, fmt_value, is_firmware_reg, reg_name
-from hvcpolicy.errors import InterfaceMissing, QMPError, QMPTimeout, bounded
+from hvcpolicy.errors import InterfaceMissing, QMPError, QMPTimeout, Unavailable, bounded
 from hvcpolicy.firmware import QMP_BACKEND, Registers
+from hvcpolicy.firmware import QMP_PROPERTY as PROPERTY
 from hvcpolicy.record import Record
 
 if TYPE_CHECKING:
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 DEFAULT_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 1.0  # a local close; never worth the whole timeout
 RETRY_PAUSE = 0.02  # the socket may not exist yet (QEMU, or a proxy, still creating it)
-PROPERTY = "kvm-firmware-registers"
+MAX_MESSAGE = 1 << 20  # one QMP message, at most (64 vCPUs' registers: ~10 KiB)
 
 T = TypeVar("T")
 
@@ -115,6 +117,7 @@ class QMP:
         (a QEMU gone, its socket left behind)."""
         from hvcpolicy.trust import check_qmp_socket
 
+        _import_qemu_qmp()
         loop = asyncio.new_event_loop()
         # qemu.qmp's background tasks may end with an exception nobody awaits (a server that
         # garbles or hangs up): that failure is reported as one line, never as a traceback.
@@ -136,9 +139,7 @@ class QMP:
             raise
 
     async def _open(self, deadline: float) -> QMPClient:
-        from qemu.qmp import QMPClient
-
-        client = QMPClient("hvcpolicy")
+        client = _client_class()("hvcpolicy", readbuflen=MAX_MESSAGE)
         left = max(deadline - time.monotonic(), 0.001)
         try:
             await asyncio.wait_for(client.connect(self.address), left)
@@ -181,12 +182,21 @@ class QMP:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def _run(self, coro: Coroutine[Any, Any, T], name: str | None = None, sent: object = None) -> T:
+        """Run one request (``name``: its command, ``sent``: what it sends) to its end, within
+        the timeout: one bound for the request as a whole, however many commands it pipelines
+        (a server that answers each slowly cannot stretch it)."""
         if self._loop is None:
             coro.close()
-            raise QMPError(f"{self.where}: not connected")
+            raise QMPError(f"{self.where}: not connected", sent=sent)
         try:
-            return self._loop.run_until_complete(coro)
+            if name is None:  # connect: bounded inside
+                return self._loop.run_until_complete(coro)
+            return self._loop.run_until_complete(asyncio.wait_for(coro, self.timeout))
+        except TimeoutError:
+            raise QMPTimeout(
+                f"{self.where}: no answer to {name!r} within {_seconds(self.timeout)}", sent=sent
+            ) from None
         except _Lost as lost:
             # The session ended under a command: what ended it is what disconnect re-raises
             # (asked once, here, however many requests were in flight).
@@ -205,38 +215,53 @@ class QMP:
 
     def command(self, name: str, arguments: Mapping[str, object] | None = None) -> object:
         """Execute one QMP command within the timeout; its ``return`` value."""
-        return self._run(self._command(name, arguments))
+        return self._run(self._command(name, arguments), name, _sent(name, arguments))
 
     async def _command(self, name: str, arguments: Mapping[str, object] | None = None) -> object:
-        sent: dict[str, object] = {"execute": name}
-        if arguments is not None:
-            sent["arguments"] = dict(arguments)
+        """One command, unbounded here: :meth:`_run` bounds the request it is part of."""
         client = self._client
         if client is None:
-            raise QMPError(f"{self.where}: not connected", sent=sent)
+            raise QMPError(f"{self.where}: not connected", sent=_sent(name, arguments))
         try:
-            return await asyncio.wait_for(client.execute(name, arguments), self.timeout)
-        except TimeoutError:
-            raise QMPTimeout(
-                f"{self.where}: no answer to {name!r} within {_seconds(self.timeout)}", sent=sent
-            ) from None
+            return await client.execute(name, arguments)
         except Exception as err:
-            raise _command_error(err, self.where, name, sent) from None
+            raise _command_error(err, self.where, name, _sent(name, arguments)) from None
 
-    async def _gather(self, coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
-        """Every request in flight at once; the first failure is raised once all have ended
+    async def _settle(self, coros: Iterable[Coroutine[Any, Any, T]]) -> list[T | Exception]:
+        """Every request in flight at once; each one's result or exception, once all have ended
         (none is left pending)."""
         results = await asyncio.gather(*coros, return_exceptions=True)
         for res in results:
-            if isinstance(res, BaseException):
+            if isinstance(res, _Lost):
+                raise res  # the session ended: every request did (``_run`` says why, once)
+            if isinstance(res, BaseException) and not isinstance(res, Exception):
+                raise res  # cancelled, interrupted: not an answer
+        return results  # type: ignore[return-value]
+
+    def _all(
+        self, coros: Iterable[Coroutine[Any, Any, T]], name: str, sent: object = None
+    ) -> list[T]:
+        """Every request in flight at once; the first failure (in request order) is raised."""
+        results = self._run(self._settle(coros), name, sent)
+        for res in results:
+            if isinstance(res, Exception):
                 raise res
         return results  # type: ignore[return-value]
 
     # -- the §8 interface ------------------------------------------------------------------------
 
     def runstate(self) -> str:
-        """QEMU's runstate (``query-status``)."""
-        reply = self.command("query-status")
+        """QEMU's runstate (``query-status``). The first call also lists the vCPUs, in the same
+        round trip (every caller needs them next)."""
+        if self._vcpus is None:
+            reply, cpus = self._all(
+                [self._command("query-status"), self._command("query-cpus-fast")],
+                "query-status",
+                _sent("query-status", None),
+            )
+            self._vcpus = self._parse_vcpus(cpus)
+        else:
+            reply = self.command("query-status")
         status = reply.get("status") if isinstance(reply, Mapping) else None
         if not isinstance(status, str):
             raise QMPError(
@@ -281,18 +306,21 @@ class QMP:
         """Whether this QEMU's vCPUs have the ``kvm-firmware-registers`` property (``qom-list``
         on the first vCPU): the detection of the QMP backend. Asked once per connection."""
         if self._interface is None:
-            first = self.vcpus()[0]
-            reply = self.command("qom-list", {"path": first.qom_path})
-            if not isinstance(reply, list):
-                raise QMPError(
-                    f"{self.where}: qom-list {first.qom_path} answered no list",
-                    sent={"execute": "qom-list", "arguments": {"path": first.qom_path}},
-                    received=_plain(reply),
-                )
-            self._interface = any(
-                isinstance(p, Mapping) and p.get("name") == PROPERTY for p in reply
-            )
+            self._interface = self._lists_property(self.command(*self._qom_list()))
         return self._interface
+
+    def _qom_list(self) -> tuple[str, dict[str, object]]:
+        return "qom-list", {"path": self.vcpus()[0].qom_path}
+
+    def _lists_property(self, reply: object) -> bool:
+        if not isinstance(reply, list):
+            name, arguments = self._qom_list()
+            raise QMPError(
+                f"{self.where}: qom-list {arguments['path']} answered no list",
+                sent={"execute": name, "arguments": arguments},
+                received=_plain(reply),
+            )
+        return any(isinstance(p, Mapping) and p.get("name") == PROPERTY for p in reply)
 
     def require_interface(self) -> None:
         """InterfaceMissing (exit 5) unless the vCPUs have the property."""
@@ -304,21 +332,38 @@ class QMP:
 
     def read(self) -> list[Registers]:
         """Every vCPU's firmware registers, in vCPU order (Firmware.read); InterfaceMissing
-        when QEMU lacks the property."""
+        when QEMU lacks the property. The first read asks ``qom-list`` in the same round trip
+        as the ``qom-get``s (which fail when the property is missing: the listing decides)."""
+        vcpus = self.vcpus()
+        if self._interface is not None:
+            self.require_interface()
+            return self.read_registers(vcpus)
+        listing, *regs = self._run(
+            self._settle([self._command(*self._qom_list()), *(self._read_one(v) for v in vcpus)]),
+            "qom-get",
+            _sent("qom-get", _get(vcpus[0])),
+        )
+        if isinstance(listing, Exception):
+            raise listing
+        self._interface = self._lists_property(listing)
         self.require_interface()
-        return self.read_registers(self.vcpus())
+        for res in regs:
+            if isinstance(res, Exception):
+                raise res
+        return regs  # type: ignore[return-value]
 
     def read_registers(self, vcpus: Sequence[VCPU]) -> list[Registers]:
         """The registers as each of ``vcpus`` reads them, every ``qom-get`` in flight at once."""
-        return self._run(self._gather(self._read_one(v) for v in vcpus))
+        sent = _sent("qom-get", _get(vcpus[0])) if vcpus else None
+        return self._all((self._read_one(v) for v in vcpus), "qom-get", sent)
 
     async def _read_one(self, vcpu: VCPU) -> Registers:
-        arguments = {"path": vcpu.qom_path, "property": PROPERTY}
+        arguments = _get(vcpu)
         reply = await self._command("qom-get", arguments)
         try:
             return parse_registers(reply, f"{self.where}: vCPU {vcpu.index}")
         except QMPError as err:
-            err.sent = {"execute": "qom-get", "arguments": arguments}
+            err.sent = _sent("qom-get", arguments)
             raise
 
     def write(self, writes: Mapping[int, int]) -> None:
@@ -363,6 +408,49 @@ def interface_at(address: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
     cannot be asked at all.)"""
     with QMP(address, timeout) as qmp:
         return qmp.has_interface()
+
+
+def _client_class() -> type[QMPClient]:
+    """qemu.qmp's QMPClient, its message hooks logging lazily. Its base hooks (documented as the
+    place for subclasses to filter messages) format every message for the debug log, as JSON
+    with indent (pure Python), even when nothing logs: a third of the cost of reading 64 vCPUs."""
+    global _CLIENT
+    if _CLIENT is None:
+        from qemu.qmp import Message, QMPClient
+
+        class Client(QMPClient):
+            def _cb_outbound(self, msg: Message) -> Message:
+                self.logger.debug("--> %s", msg)
+                return msg
+
+            def _cb_inbound(self, msg: Message) -> Message:
+                self.logger.debug("<-- %s", msg)
+                return msg
+
+        _CLIENT = Client
+    return _CLIENT
+
+
+_CLIENT: type[QMPClient] | None = None
+
+
+def _import_qemu_qmp() -> None:
+    """qemu.qmp, or Unavailable saying how to get it. The hook's ``-I -S`` interpreter finds it
+    beside ``hvcpolicy`` (where the packages ship it); a pip install has it in site-packages,
+    which the hook adds only then (its slow path, as for a policy the cache lacks)."""
+    try:
+        import qemu.qmp
+    except ImportError:
+        from hvcpolicy.policystore import _enable_site
+
+        _enable_site()
+        try:
+            import qemu.qmp  # noqa: F401 - imported for its side effect: importable now
+        except ImportError as err:
+            raise Unavailable(
+                f"this Python ({sys.executable}) cannot import qemu.qmp, hvcpolicy's QMP library "
+                f"({err}): install hvcpolicy's package, or `pip install qemu.qmp`"
+            ) from None
 
 
 # --- the one edge where qemu.qmp's exceptions become hvcpolicy's ----------------------------------
@@ -452,6 +540,18 @@ def _quiet(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
 
 
 # --- text ---------------------------------------------------------------------------------------
+
+
+def _sent(name: str, arguments: Mapping[str, object] | None) -> dict[str, object]:
+    """A command as sent (for errors: ``sent``), without qemu.qmp's id."""
+    sent: dict[str, object] = {"execute": name}
+    if arguments is not None:
+        sent["arguments"] = dict(arguments)
+    return sent
+
+
+def _get(vcpu: VCPU) -> dict[str, object]:
+    return {"path": vcpu.qom_path, "property": PROPERTY}
 
 
 def _plain(obj: object) -> object:

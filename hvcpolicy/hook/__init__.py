@@ -14,7 +14,6 @@ file imports nothing: the entry is one import away.
 - ``config``: ``/etc/hvcpolicy/hook.conf`` (or a session user's own);
 - ``context``: one hook run (the stage, the domain, its policy, this host's snapshot, the log);
 - ``stages``: ``prepare``, ``started``, ``migrate``/``restore``, ``reconnect`` (SPEC.md section 7);
-- ``hookqmp``: the stages' synchronous, bounded QMP client;
 - ``recorder``: the detached child that records ``<hvc:applied>`` (and resumes) once libvirt's
   start job ends;
 - ``install``: what ``hvcpolicy install-hook`` writes (script, config, policy cache).

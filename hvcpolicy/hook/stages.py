@@ -1,24 +1,26 @@
 """The stages (SPEC.md section 7), each a short call into the core.
 
-``prepare`` refuses a policy this host's snapshot cannot satisfy; ``started`` acts on the
-runstate (prelaunch: apply, then a detached child records ``<hvc:applied>`` and, with
-``<hvc:resume after="apply"/>``, resumes; inmigrate: clear what the guest never carried; paused:
-verify; running: verify, then ``enforcement.already-running``); ``migrate``/``restore`` refuse a
-host that cannot take the guest, printing nothing on stdout; ``reconnect`` verifies and logs and
-never fails. Everything else exits 0 at once.
+``prepare`` refuses a policy this host's snapshot cannot satisfy; ``started`` runs the one
+apply/verify flow (:func:`hvcpolicy.enforce.enforce`: prelaunch and inmigrate write and read back
+every vCPU; paused, running and the rest are held to ``<hvc:applied>`` or the plan, then
+``enforcement.already-running``), and after a prelaunch apply a detached child records
+``<hvc:applied>`` and, with ``<hvc:resume after="apply"/>``, resumes; ``migrate``/``restore``
+refuse a host that cannot take the guest, printing nothing on stdout; ``reconnect`` holds the
+guest to the one compliance rule (:func:`hvcpolicy.enforce.inspect`), logs, and never fails.
+Everything else exits 0 at once.
 """
 
 from __future__ import annotations
 
-from hvcpolicy.errors import HvcError, InterfaceMissing, Refused, Unavailable, bounded
+from hvcpolicy.errors import HvcError, Refused, Unavailable
 from hvcpolicy.hook.context import regs
 
 TYPE_CHECKING = False  # typing costs more than the interpreter's start-up: checker-only names
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
+    from hvcpolicy.enforce import ApplyResult
     from hvcpolicy.hook.context import Hook
-    from hvcpolicy.hook.hookqmp import HookQMP
     from hvcpolicy.policy import Policy
     from hvcpolicy.snapshot import Snapshot
 
@@ -74,66 +76,72 @@ def stage_move(hook: Hook) -> int:
 
 
 def stage_started(hook: Hook) -> int:
+    """Enforce through the one flow (hvcpolicy.enforce) over the one QMP client: prelaunch and
+    inmigrate write and read back every vCPU; any other runstate is held to ``<hvc:applied>``
+    or the plan. Then, for prelaunch, the record (and resume) is handed on."""
     policy = hook.policy()
     if policy is None:
         return 0
-    from hvcpolicy.hook.hookqmp import HookQMP
+    from hvcpolicy.enforce import UNSUPPORTED_WARNED, enforce
+    from hvcpolicy.qmp import QMP
 
-    try:
-        qmp = HookQMP(_qmp_socket(hook), hook.conf.qmp_timeout)
-    except Unavailable as err:
-        return _unsupported(hook, policy, err)
-    with qmp:
-        try:
-            qmp.vcpus()
-        except InterfaceMissing:  # a stock QEMU: its QMP still tells the runstate
-            state = qmp.runstate()
-            hook.audit["stage"] = f"started/{state}"
-            qmp.close()  # before any fork
-            from hvcpolicy.hook.stock import started_stock
-
-            return started_stock(hook, policy, state)
-        except Unavailable as err:
-            return _unsupported(hook, policy, err)
+    with QMP(_qmp_socket(hook), hook.conf.qmp_timeout) as qmp:
         state = qmp.runstate()
         hook.audit["stage"] = f"started/{state}"
-        if state == "prelaunch":
-            return _apply_prelaunch(hook, policy, qmp)
-        if state == "inmigrate":
-            return _apply_inmigrate(hook, policy, qmp)
-        return _verify(hook, policy, qmp, state)
+        stock = not qmp.has_interface()  # a stock QEMU: its QMP still tells the runstate
+        if not stock:
+            result = enforce(
+                qmp,
+                policy,
+                runstate=state,
+                applied=_applied(hook),
+                host=_host_registers(hook),
+                domain=hook.domain.name,
+            )
+    # the connection is closed here, before any fork: QEMU serves one QMP client at a time
+    if stock:
+        from hvcpolicy.hook.stock import started_stock
+
+        return started_stock(hook, policy, state)
+    if result.outcome == UNSUPPORTED_WARNED:
+        hook.log(result.outcome, warning=True, reason=result.warnings[0])
+        return 0
+    _log_result(hook, result)
+    if state == "prelaunch":
+        return _apply_prelaunch(hook, result.before, result.applied_registers())
+    return 0
 
 
 def stage_reconnect(hook: Hook) -> int:
-    """libvirtd restarted: verify and log; failing here would kill a running guest."""
+    """libvirtd restarted: hold the guest to the one compliance rule and log; never fail
+    (failing here would kill a running guest), never write."""
     try:
         policy = hook.policy()
         if policy is None:
             return 0
-        from hvcpolicy.hook.hookqmp import HookQMP
+        from hvcpolicy.enforce import inspect
+        from hvcpolicy.qmp import QMP
 
-        with HookQMP(_qmp_socket(hook), hook.conf.qmp_timeout) as qmp:
-            live = qmp.read_all()
-        target = _expected(hook, policy, live)
-        from hvcpolicy.planner import verify
-
-        diffs = verify(target, live)
-        if diffs:
-            hook.log("differs", warning=True, before=regs(live), reason="; ".join(diffs))
-        else:
-            hook.log("verified", after=regs(live))
+        with QMP(_qmp_socket(hook), hook.conf.qmp_timeout) as qmp:
+            result = inspect(
+                qmp,
+                policy,
+                applied=_applied(hook),
+                host=_host_registers(hook),
+                domain=hook.domain.name,
+            )
+        _log_result(hook, result)
     except Exception as err:  # never fail: log it
         hook.log("error", warning=True, reason=f"{type(err).__name__}: {err}")
     return 0
 
 
-def _unsupported(hook: Hook, policy: Policy, err: Unavailable) -> int:
-    from hvcpolicy.errors import InterfaceMissing
-
-    if isinstance(err, InterfaceMissing) and policy.unsupported_qemu == "warn":
-        hook.log("unsupported-qemu-warned", warning=True, reason=err.message)
-        return 0
-    raise err
+def _log_result(hook: Hook, result: ApplyResult) -> None:
+    """One audit line: the flow's outcome, the registers before and as left, what differs."""
+    fields = {"before": regs(result.before), "after": regs(result.applied_registers())}
+    if result.mismatches:
+        fields["reason"] = "; ".join(result.mismatches)
+    hook.log(result.outcome, warning=bool(result.warnings or result.mismatches), **fields)
 
 
 def _qmp_socket(hook: Hook) -> str:
@@ -146,120 +154,29 @@ def _qmp_socket(hook: Hook) -> str:
     return sock
 
 
-def _expected(hook: Hook, policy: Policy, live: Mapping[int, int]) -> dict[int, int]:
-    """What the guest's registers should read: ``<hvc:applied>`` when recorded, else the plan."""
+def _applied(hook: Hook) -> dict[int, int] | None:
+    """The domain's ``<hvc:applied>`` registers, if it carries a record."""
     meta = hook.domain.meta
-    if meta is not None and meta.applied is not None:
-        return {rid: v for rid, v in meta.applied.registers.items() if rid in live}
-    from hvcpolicy.planner import plan_start
-
-    return plan_start(policy, live, _host_registers(hook, live)).target
+    return meta.applied.registers if meta is not None and meta.applied is not None else None
 
 
-def _host_registers(hook: Hook, live: Mapping[int, int] | None) -> Mapping[int, int] | None:
-    """This host's fresh values (the kernel's PSCI limit), else what the guest reads."""
+def _host_registers(hook: Hook) -> Mapping[int, int] | None:
+    """This host's fresh values (the kernel's PSCI limit), else None (the guest's own)."""
     try:
         return hook.snapshot().registers
     except HvcError:
-        return live
+        return None
 
 
-def apply_prelaunch(
-    policy: Policy, qmp: HookQMP, host: Mapping[int, int] | None, who: str
-) -> tuple[dict[int, int], dict[int, int]]:
-    """Plan, write through the first vCPU, read back every vCPU and verify; -> (before, after).
-    Shared by the hook's prelaunch stage and ``hvcpolicy start``."""
-    from hvcpolicy.planner import plan_start, verify
-
-    before = qmp.read_all()
-    plan = plan_start(policy, before, host if host is not None else before)
-    if not plan.ok:
-        raise Refused(
-            f"hvcpolicy: {who} refused under policy {policy.name!r}: " + "; ".join(plan.refusals),
-            plan.refusals,
-        )
-    if plan.writes:
-        # Again right before the write: another monitor may have run the guest since, and KVM
-        # would still take a PSCI_VERSION write then (it has no "already ran" check for it).
-        state = qmp.runstate()
-        if state != "prelaunch":
-            raise Unavailable(
-                f"hvcpolicy: {who}: the guest went from prelaunch to {bounded(state, 40)} before "
-                "the write (another monitor?); nothing was written"
-            )
-        qmp.write(plan.writes)
-    after = qmp.read_every_vcpu()
-    diffs = verify(plan.target, after)
-    if diffs:
-        raise Refused(f"hvcpolicy: {who}: the write did not hold: {'; '.join(diffs)}", diffs)
-    return before, after
-
-
-def _apply_prelaunch(hook: Hook, policy: Policy, qmp: HookQMP) -> int:
-    host = _host_registers(hook, None)
-    before, after = apply_prelaunch(policy, qmp, host, f"domain {hook.domain.name!r}")
-    hook.log("applied", before=regs(before), after=regs(after))
+def _apply_prelaunch(hook: Hook, before: Mapping[int, int], after: Mapping[int, int]) -> int:
+    """Applied and read back on every vCPU: a detached recorder records ``<hvc:applied>`` and,
+    when asked, resumes (``hvcpolicy start`` does both itself: this stage steps aside then)."""
     meta = hook.domain.meta
     if meta is not None:
-        qmp.close()  # before any fork: QEMU serves one QMP client at a time
         from hvcpolicy.hook.recorder import hook_element, spawn_recorder
 
         spawn_recorder(hook, hook_element(hook, after), meta.resume_after_apply)
     return 0
-
-
-def _apply_inmigrate(hook: Hook, policy: Policy, qmp: HookQMP) -> int:
-    from hvcpolicy.planner import plan_inmigrate
-
-    meta = hook.domain.meta
-    applied = meta.applied.registers if meta is not None and meta.applied is not None else None
-    before = qmp.read_all()
-    plan = plan_inmigrate(policy, before, applied)
-    if not plan.ok:
-        raise Refused(
-            f"hvcpolicy: incoming domain {hook.domain.name!r}: " + "; ".join(plan.refusals),
-            plan.refusals,
-        )
-    if plan.writes:
-        qmp.write(plan.writes)
-    hook.log(
-        "cleared" if plan.writes else "nothing-to-clear",
-        before=regs(before),
-        after=regs(plan.writes),
-    )
-    return 0
-
-
-def _verify(hook: Hook, policy: Policy, qmp: HookQMP, state: str) -> int:
-    from hvcpolicy.planner import verify
-
-    live = qmp.read_every_vcpu()
-    target = _expected(hook, policy, live)
-    diffs = verify(target, live)
-    if not diffs:
-        hook.log("verified", after=regs(live))
-        return 0
-    if state == "running" and policy.already_running == "warn":
-        hook.log("differs-warned", warning=True, before=regs(live), reason="; ".join(diffs))
-        return 0
-    if state == "running":
-        raise Refused(
-            f"hvcpolicy: domain {hook.domain.name!r} is already running and its firmware registers "
-            f"differ from policy {policy.name!r} ({'; '.join(diffs)}); it is too late to write "
-            f"them: start it with `hvcpolicy start {hook.domain.name}` or "
-            f'`virsh start --paused {hook.domain.name}` (with <hvc:resume after="apply"/>)',
-            diffs,
-        )
-    raise Refused(
-        f"hvcpolicy: domain {hook.domain.name!r} ({state}) does not match "
-        + (
-            "its <hvc:applied> record"
-            if hook.domain.meta and hook.domain.meta.applied
-            else f"policy {policy.name!r}"
-        )
-        + f": {'; '.join(diffs)}",
-        diffs,
-    )
 
 
 STAGES: dict[str, Callable[[Hook], int]] = {

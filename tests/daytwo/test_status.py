@@ -156,3 +156,67 @@ def test_status_exit_codes_by_priority() -> None:
     assert status_exit(rows("unreachable", "invalid")) == 4
     assert status_exit(rows("invalid", DRIFT, "unreachable")) == 3
     assert status_exit([]) == 0
+
+
+def test_status_and_reconnect_hold_a_guest_to_the_same_rule(tmp_path: Any) -> None:
+    """One compliance rule: a running guest whose record lacks a bitmap it still offers
+    (VENDOR_HYP_BMAP reads 0x3) is DRIFT for ``status`` and ``differs`` for the hook's
+    ``reconnect``; once reconnect logged it ``verified`` (it looked only at what the record
+    names) while status said DRIFT."""
+    import libvirt
+
+    from hvcpolicy import libvirt_status
+    from hvcpolicy.domainxml import render_policy, with_applied
+    from tests.hardening.simthread import run_hook, simulators
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "open.json").write_text(
+        '{"apiVersion": "hvcpolicy/v1", "kind": "FirmwarePolicy", "metadata": {"name": "open"},'
+        ' "spec": {"unknown": "allow"}}'
+    )
+    conf = tmp_path / "hook.conf"
+    conf.write_text(
+        f"policy_dir = {policies}\nhost_snapshot = {EXAMPLES / 'hosts/neoverse-n1_linux-6.18.json'}"
+        f"\ncache_dir = {tmp_path / 'cache'}\naudit_file = {tmp_path / 'audit.log'}\n"
+        "qmp_timeout = 2\n"
+    )
+    with simulators(1, vcpus=2, runstate="running") as [sim]:
+        record = {r: v for r, v in sim.fresh.items() if r != cat.VENDOR_HYP_BMAP}
+        assert sim.fresh[cat.VENDOR_HYP_BMAP] == 0x3
+        meta = parse_policy_element(sim.path)
+        element = render_policy(with_applied(meta, Applied("h", "6.18", "t", record)))
+        xml = (
+            f"<domain type='test'><name>drift-t</name><metadata>{element}</metadata>"
+            "<memory>131072</memory><vcpu>1</vcpu><os><type arch='aarch64'>hvm</type></os>"
+            "</domain>"
+        )
+        conn = libvirt.open("test:///default")
+        try:
+            dom = conn.defineXML(xml)
+            dom.create()
+            found = libvirt_status.collect("test:///default", str(policies), 2.0)
+            rows = {r.name: r for r in found}
+            live_xml = dom.XMLDesc(0)
+        finally:
+            conn.close()
+        hook = run_hook(str(conf), ["drift-t", "reconnect", "begin", "-"], live_xml.encode())
+    row = rows["drift-t"]
+    assert (row.live, row.via) == (DRIFT, "hvc:qmp")
+    assert row.detail == (
+        "VENDOR_HYP_BMAP (0x6030000000160002): reads 0x3, not in <hvc:applied> "
+        "(services the guest was never given)"
+    )
+    assert hook.rc == 0 and hook.stderr == ""
+    (line,) = [x for x in (tmp_path / "audit.log").read_text().splitlines() if "reconnect" in x]
+    assert "outcome=differs" in line and "services the guest was never given" in line
+
+
+def parse_policy_element(sock: str) -> Any:
+    from hvcpolicy.domainxml import parse_domain
+
+    xml = (
+        f'<domain><name>x</name><metadata><hvc:policy xmlns:hvc="{XMLNS}" ref="open">'
+        f'<hvc:qmp socket="{sock}"/></hvc:policy></metadata></domain>'
+    )
+    return parse_domain(xml.encode(), "test").meta

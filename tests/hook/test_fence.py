@@ -9,8 +9,7 @@ from pathlib import Path
 import hvcpolicy
 
 PACKAGE = Path(hvcpolicy.__file__).parent
-# Until the QMP client is one (issue 14, "flow"): status still reads through HookQMP.
-KNOWN = {"libvirt_status.py"}
+KNOWN: set[str] = set()  # none: status reads with hvcpolicy.qmp, as the hook does
 
 
 def _imports(path: Path) -> set[str]:

@@ -303,8 +303,9 @@ def test_unmanaged_domain_is_left_alone_even_by_python(env: Path) -> None:
 
 
 def test_started_rides_out_stray_replies_and_still_writes_the_right_values(env: Path) -> None:
-    """Every HookQMP command carries its own id: a reply to nobody (another id) is skipped, not
-    taken as the answer (it was a KeyError, an internal error, before)."""
+    """Every QMP command carries its own id (qemu.qmp routes replies by it): a reply to nobody
+    (another id) is skipped, not taken as the answer (it was a KeyError, an internal error, in
+    the hook's own client before)."""
     sock = str(env / "qmp.sock")
     faults = ["--fault", "stray-reply@query-status", "--fault", "stray-reply@qom-get"]
     with simulator_process(sock, "6.18", "--vcpus", "2", *faults):

@@ -94,7 +94,10 @@ def test_a_socket_that_appears_late_is_connected(sockdir: Path) -> None:
     """QEMU (or a proxy in front of it) may still be creating the socket."""
 
     async def status(msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
-        send(writer, reply(msg, {"status": "prelaunch"}))
+        if msg["execute"] == "query-cpus-fast":  # asked with the first query-status
+            send(writer, reply(msg, [{"cpu-index": 0, "qom-path": "/cpu0"}]))
+        else:
+            send(writer, reply(msg, {"status": "prelaunch"}))
 
     def later() -> None:
         time.sleep(0.3)
