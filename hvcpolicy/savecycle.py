@@ -17,8 +17,12 @@ that never ran:
    not what was written. About a tenth of a second against a save's seconds (no QEMU to stop);
 4. ``resume``: only after a read-back that equals what was written; then the images go.
 
-When the host's snapshot predicts nothing to write, ``read`` starts with that snapshot instead
-of a save: if the guest then needs no write, it never stops at all.
+When the host's snapshot predicts nothing to write, ``read`` starts with a memory snapshot of
+the paused guest instead of a save: if the guest then needs no write it is resumed and its QEMU
+never stops. If it does need one, QEMU (7.2 at least) refuses to migrate again once a snapshot
+has left it in ``postmigrate`` ("paused due to previous migration"), so that QEMU is shut off
+instead (it never ran) and the snapshot's image, which is a libvirt save image, is the one
+patched and restored.
 
 A failure never resumes the guest and never deletes an image while the guest is not running:
 :meth:`StreamFirmware.settle` says where the guest is and how to recover. A journal
@@ -184,7 +188,6 @@ class StreamFirmware:
         self.restored = False
         self.written: Registers | None = None  # what the restored guest must hold
         self.verified = False  # a read-back after the restore equalled ``written``
-        self.step = "started"  # for settle(): how far the cycle got
         # the image as hvcpolicy last left it (saved, patched): any other write changes it
         self.fingerprint: tuple[int, int, int, int] | None = None
 
@@ -232,7 +235,6 @@ class StreamFirmware:
         # holds it; ``postmigrate`` resumes like ``prelaunch``)
         libvirt.resume(self.dom)
         self.state = "running"
-        self.step = "resumed"
         self.paths.clear()  # the guest runs: its never-run images are worth nothing now
 
     # --- the steps -----------------------------------------------------------------------------
@@ -262,7 +264,6 @@ class StreamFirmware:
         lost); the snapshot's image is what the restore loads."""
         libvirt.destroy(self.dom)
         self.saved = True
-        self.step = "saved"
         self.paths.record(SAVED, self.domid)
         checkpoint("saved")
 
@@ -270,10 +271,8 @@ class StreamFirmware:
         from hvcpolicy.imagefile import read_image
 
         self.paths.record(SAVING, self.domid)
-        self.step = "saving"
         libvirt.save_paused(self.dom, self.paths.image, self.sparse)
         self.saved = True
-        self.step = "saved"
         self.paths.record(SAVED, self.domid)
         os.chmod(self.paths.image, 0o600)
         self.expect = read_image(self.paths.image)
@@ -289,7 +288,6 @@ class StreamFirmware:
             self.paths.image, writes, expect=self.expect, any_register=self.any_register
         )
         self.fingerprint = _fingerprint(self.paths.image)
-        self.step = "patched"
         checkpoint("patched")
 
     def _restore(self, target: Registers) -> None:
@@ -314,7 +312,6 @@ class StreamFirmware:
 
             xml = set_policy_element(xml, element)
         self.paths.record(RESTORING, self.domid)
-        self.step = "restoring"
         self.written = target
         if self.lock is not None:
             self.lock.phase(RESTORE_PHASE)
@@ -327,7 +324,6 @@ class StreamFirmware:
         self.dom = libvirt.lookup_uuid(self.conn, self.uuid)
         self.domid = libvirt.domain_id(self.dom)
         self.paths.record(RESTORED, self.domid)
-        self.step = "restored"
         self.state = "prelaunch"  # a never-run guest's image restores into prelaunch
         checkpoint("restored")
 
@@ -366,7 +362,6 @@ class StreamFirmware:
                     f"than were written: {shown}"
                 )
         self.verified = True
-        self.step = "read-back"
         checkpoint("read-back")
         return after
 
