@@ -120,7 +120,7 @@ def enforce_paused(
 
     # the host's snapshot predicts whether a fresh guest needs a write: when not, the stream
     # backend reads by a snapshot first and, if the guest agrees, never stops QEMU at all
-    predicted = plan_start(policy, host).writes if host is not None else {"write": 1}
+    predicted = host is None or bool(plan_start(policy, host).writes)
     fw: Firmware | None = None
     try:
         try:
