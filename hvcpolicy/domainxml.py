@@ -507,6 +507,9 @@ def unsaveable(xml: str) -> str | None:
     for iface in root.iterfind("devices/interface"):
         if iface.get("type") == "vhostuser":
             return "it has a vhost-user interface, whose backend may not migrate"
+    for arg in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg"):
+        if "mte=on" in (arg.get("value") or ""):
+            return "it has MTE enabled, which disables migration"
     for feature in root.iterfind("features/*"):
         if feature.tag == "mte" or (feature.tag == "arm" and feature.find("mte") is not None):
             return "it has MTE enabled, which disables migration"
