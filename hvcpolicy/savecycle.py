@@ -125,12 +125,12 @@ class Paths:
                 os.unlink(path)
 
     def record(self, phase: str, domid: int) -> None:
-        """The journal: written whole, then renamed (a crash leaves the old one or the new)."""
+        """The journal: written whole, then renamed (a killed start leaves the old one or the
+        new). No fsync: it is for a process that dies, not a host (whose guests die with it)."""
         tmp = self.journal + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, f"{phase} {domid}\n".encode("ascii"))
-            os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.journal)
