@@ -80,15 +80,14 @@ def parse_save_header(buf: Buffer, where: str) -> SaveHeader:
         raise InvalidInput("not a libvirt save image (no LibvirtQemudSave magic)", where)
     if len(head) < HEADER_SIZE:
         raise InvalidInput(f"truncated: a header of {len(head)} bytes, not 92", where)
-    order = "<"
-    fields = struct.unpack_from(f"{order}5I", head, 16)
-    if fields[0] > VERSIONS[-1]:
+    fields = struct.unpack_from("<5I", head, 16)
+    read_as = fields[0]
+    if read_as > VERSIONS[-1]:
         # Saved on a host of the other byte order (libvirt swaps on the same test).
-        order = ">"
-        fields = struct.unpack_from(f"{order}5I", head, 16)
+        fields = struct.unpack_from(">5I", head, 16)
     version, data_len, was_running, fmt, cookie = fields
     if version not in VERSIONS:
-        raise InvalidInput(f"libvirt save image version {fields[0]}: not 1 or 2", where)
+        raise InvalidInput(f"libvirt save image version {read_as}: not 1 or 2", where)
     if fmt not in FORMATS:
         raise InvalidInput(f"libvirt save image format {fmt}: unknown", where)
     if fmt not in (RAW, SPARSE):

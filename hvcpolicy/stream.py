@@ -26,7 +26,7 @@ from hvcpolicy.record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Mapping, Sequence
     from typing import Any, Protocol
 
     class Buffer(Protocol):
@@ -98,13 +98,16 @@ class VCpu(Record):
 class Stream(Record):
     """A QEMU migration stream's vCPUs. ``start``/``end``: where the stream is in the buffer."""
 
-    __slots__ = ("end", "start", "vcpus", "where")
+    __slots__ = ("end", "start", "vcpus", "vmdesc_offset", "where")
 
-    def __init__(self, where: str, start: int, end: int, vcpus: tuple[VCpu, ...]) -> None:
+    def __init__(
+        self, where: str, start: int, end: int, vcpus: tuple[VCpu, ...], vmdesc_offset: int
+    ) -> None:
         self.where = where
         self.start = start
         self.end = end
         self.vcpus = vcpus  # in stream order (the order QEMU loads them)
+        self.vmdesc_offset = vmdesc_offset  # the 0x06 byte that begins the vmdesc
 
     def firmware(self) -> dict[int, int]:
         """The firmware registers every vCPU agrees on (the parser refused any disagreement)."""
@@ -149,6 +152,34 @@ def apply(data: bytes, edits: Iterable[Edit]) -> bytes:
                 f"{e.offset}, not {cat.fmt_value(e.old)}: the stream changed"
             )
         struct.pack_into(">Q", out, e.offset, e.new)
+    return bytes(out)
+
+
+def replace_lists(data: bytes, lists: Sequence[Mapping[int, int]], where: str = "stream") -> bytes:
+    """The bare stream ``data`` with vCPU i's whole cpreg list replaced by ``lists[i]`` (sorted
+    on the way), its count and the vmdesc's ``array_len`` rewritten to match: lists may grow or
+    shrink. For building streams (the lab's transplants, tests); enforcement edits in place."""
+    stream = parse_stream(data, where)
+    if len(lists) != len(stream.vcpus):
+        raise InvalidInput(f"{len(lists)} lists for {len(stream.vcpus)} vCPUs", where)
+    doc = json.loads(data[stream.vmdesc_offset + 5 :])
+    out = bytearray()
+    done = 0
+    for cpu, regs in zip(stream.vcpus, lists, strict=True):
+        out += data[done : cpu.ids_offset - 4]
+        ids = sorted(regs)
+        out += struct.pack(f">i{len(ids)}Q{len(ids)}Q", len(ids), *ids, *(regs[i] for i in ids))
+        done = cpu.values_offset + 8 * len(cpu.registers)
+    sizes = iter(len(regs) for regs in lists)
+    for dev in doc["devices"]:
+        if dev["name"] == CPU_SECTION:
+            n = next(sizes)
+            for field in dev["fields"]:
+                if field["name"] in (_IDS_FIELD, _VALUES_FIELD):
+                    field["array_len"] = n
+    text = json.dumps(doc).encode()
+    out += data[done : stream.vmdesc_offset]
+    out += bytes([VMDESCRIPTION]) + struct.pack(">I", len(text)) + text
     return bytes(out)
 
 
@@ -228,7 +259,9 @@ def _body_size(desc: dict[str, Any], what: str, depth: int = 0) -> int:
         if not isinstance(sub, dict) or not isinstance(sub.get("vmsd_name"), str):
             raise _Bad(f"vmdesc: {what} has a subsection without a name")
         name = sub["vmsd_name"]
-        total += 6 + len(name.encode()) + _body_size(sub, f"{what}/{name}", depth + 1)
+        if not (0 < len(name) < 256 and name.isascii()):
+            raise _Bad(f"vmdesc: {what} has a subsection with a bad name")
+        total += 6 + len(name) + _body_size(sub, f"{what}/{name}", depth + 1)
     return total
 
 
@@ -246,7 +279,7 @@ class _Device(Record):
 
     @property
     def header(self) -> int:
-        return 14 + len(self.name.encode())  # 0x04, be32 id, len, name, be32 instance, version
+        return 14 + len(self.name)  # 0x04, be32 id, len, name, be32 instance, version
 
 
 def _devices(doc: object) -> list[_Device]:
@@ -257,7 +290,7 @@ def _devices(doc: object) -> list[_Device]:
         if not isinstance(dev, dict) or not isinstance(dev.get("name"), str):
             raise _Bad(f"vmdesc: device {i} has no name")
         name = dev["name"]
-        if not 0 < len(name.encode()) < 256:
+        if not (0 < len(name) < 256 and name.isascii()):
             raise _Bad(f"vmdesc: device {i} has a bad name")
         what = f"{name}[{dev.get('instance_id')}]"
         version = _int(dev, "version", what) if "version" in dev else None
@@ -393,4 +426,4 @@ def _parse(buf: Buffer, where: str, start: int, end: int) -> Stream:
     if len(set(ids)) != len(ids):
         raise _Bad(f"two cpu sections with one instance id ({sorted(ids)})")
     _agree(vcpus)
-    return Stream(where, start, end, tuple(vcpus))
+    return Stream(where, start, end, tuple(vcpus), desc_at)
