@@ -1,9 +1,9 @@
 """The libvirt qemu hook: what libvirt runs, and nothing else imports (outside ``cli/``).
 
 ``hooks/qemu`` (the sh pre-filter) execs ``python3 -I -S`` on ``hvcpolicy.hook.entry.main`` with
-DOMAIN OP SUB X, the domain XML on stdin. While ``hvcpolicy start`` drives a start, it runs
-``started`` itself on the sh pre-filter's call (``entry.serve``, see startlock.py): the same code,
-in a warm interpreter.
+DOMAIN OP SUB X, the domain XML on stdin. While ``hvcpolicy start`` (or this hook's detached
+child) drives a start, the stages of that start step aside (``startlock.steps_aside``; the sh
+pre-filter makes the same test without Python): ``start`` enforces, records and resumes itself.
 
 libvirt runs the hook synchronously with the domain locked, so every stage imports only what it
 needs (no argparse, yaml, jsonschema, asyncio or libvirt on ``prepare``/``migrate``/``restore``),

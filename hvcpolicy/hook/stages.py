@@ -78,7 +78,8 @@ def stage_move(hook: Hook) -> int:
 def stage_started(hook: Hook) -> int:
     """Enforce through the one flow (hvcpolicy.enforce) over the one QMP client: prelaunch and
     inmigrate write and read back every vCPU; any other runstate is held to ``<hvc:applied>``
-    or the plan. Then, for prelaunch, the record (and resume) is handed on."""
+    or the plan. Then, for prelaunch, a detached recorder records (and resumes). A stock QEMU
+    (no property) goes to :mod:`hvcpolicy.hook.stock`."""
     policy = hook.policy()
     if policy is None:
         return 0
