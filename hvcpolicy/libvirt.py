@@ -144,19 +144,22 @@ def lookup_uuid(conn: Any, uuid: str) -> Any:
 
 
 def qemu_version(conn: Any, live_xml: str) -> int:
-    """The host's QEMU version, libvirt-encoded (7002000 is 7.2.0): libvirt's hypervisor version,
-    else (a libvirt that finds no emulator for the host's own architecture, as on a test host)
-    the version in the running domain's machine type (``virt-7.2``, which libvirt expands
-    ``virt`` to); 0 when neither says."""
+    """The guest's QEMU version, libvirt-encoded (7002000 is 7.2.0), at least: the higher of
+    libvirt's hypervisor version (its default emulator's; it fails on a host with no emulator
+    for its own architecture, as on a test host) and the version in the running domain's
+    machine type (``virt`` expands to ``virt-7.2``: the version of the emulator the domain
+    really runs, say a wrapper of another QEMU); 0 when neither says."""
     import re
 
     lib = _lib()
     try:
-        return int(conn.getVersion())
+        version = int(conn.getVersion())
     except lib.libvirtError:
-        pass
+        version = 0
     m = re.search(r"machine=['\"][a-z0-9]*-(\d+)\.(\d+)['\"]", live_xml)
-    return int(m.group(1)) * 1_000_000 + int(m.group(2)) * 1_000 if m else 0
+    if m:
+        version = max(version, int(m.group(1)) * 1_000_000 + int(m.group(2)) * 1_000)
+    return version
 
 
 def sparse_saves(conn: Any, live_xml: str) -> bool:
