@@ -23,6 +23,7 @@ Usage (run.py does this): ``python3 bench/hookbench.py --reps N --json OUT``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -78,6 +79,10 @@ def private_etc(scratch: Path) -> None:
     mount = ["mount", "-t", "overlay", "overlay", "-o", opts, "/etc"]
     subprocess.run(mount, check=True, timeout=30)
     os.makedirs("/etc/hvcpolicy", exist_ok=True)
+    # this machine's own hook config (a test run's, say) is not ours to build on: install-hook
+    # writes a fresh one (removed in the overlay only; the machine's stays as it is)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink("/etc/hvcpolicy/hook.conf")
 
 
 # --- domain XML as libvirt hands it to the hook -------------------------------------------------

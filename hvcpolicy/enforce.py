@@ -323,8 +323,9 @@ def _verify_path(
         return
     state = "already running" if result.runstate == "running" else result.runstate
     text = (
-        f"the guest is {state} (its vCPUs may have run), so it is too late to write; its "
-        f"firmware registers differ from {result.basis}: {'; '.join(result.mismatches)}"
+        f"the guest is {state} and its firmware registers differ from {result.basis}: "
+        f"{'; '.join(result.mismatches)}; hvcpolicy does not write to a guest whose vCPUs may "
+        "have run"
     )
     if policy.already_running == "warn":
         result.outcome = DIFFERS_WARNED

@@ -443,3 +443,21 @@ def test_python_hook_steps_aside_for_a_held_start_lock(env: Path) -> None:
     assert not [x for x in audit(env) if "stage=started" in x]
     done = run_hook(env, "started", domain("noptp", str(env / "nothing.sock")))
     assert done.returncode == 1  # the lock died: the stage runs (and fails, no QMP here)
+
+
+def _recorder_lines(env: Path) -> list[str]:
+    return [x for x in audit(env) if "stage=started/recorder" in x]
+
+
+def test_started_forks_its_recorder_when_no_start_holds_the_lock(env: Path) -> None:
+    import time
+
+    lock = _with_run_dir(env)
+    sock = str(env / "qmp.sock")
+    os.close(_hold(lock, "start"))  # a start that is gone left its file behind
+    with simulator_process(sock, "6.18", "--vcpus", "2"):
+        assert run_hook(env, "started", domain("noptp", sock)).returncode == 0
+    deadline = time.monotonic() + 30
+    while not _recorder_lines(env) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _recorder_lines(env), audit(env)  # no libvirtd here: it logs record-failed
