@@ -6,8 +6,7 @@ import argparse
 import os
 import sys
 
-from hvcpolicy import XMLNS
-from hvcpolicy.errors import EXIT_OK, InvalidInput, Unavailable, UsageError
+from hvcpolicy.errors import EXIT_OK, InvalidInput, UsageError
 
 TYPE_CHECKING = False  # `start` is on a path libvirt users wait on: what it does not use, it
 if TYPE_CHECKING:  # does not import (contextlib, re, signal, typing are imported where used)
@@ -63,14 +62,22 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         "start",
         parents=[parent],
         help="paused start, apply, record <hvc:applied>, resume",
-        description="Start DOMAIN paused, enforce its policy over QMP before any vCPU runs, "
-        "record <hvc:applied> in the live XML, then resume. On failure the domain is destroyed "
-        "(it never ran).",
+        description="Start DOMAIN paused, enforce its policy before any vCPU runs (over QEMU's "
+        "kvm-firmware-registers QMP property, or on a stock QEMU through a save, a patch of "
+        "every vCPU's registers in the image and a paused restore), record <hvc:applied> in the "
+        "live XML, then resume. On failure the guest is not resumed: it never ran, so it is "
+        "shut off, any save image is kept, and the message says how to recover.",
         epilog="example: hvcpolicy start web1",
     )
     p.add_argument("domain", metavar="DOMAIN")
     p.add_argument("--timeout", type=float, default=5.0, help="bound on each QMP wait (s)")
     p.add_argument("--host-snapshot", metavar="FILE", help="this host's snapshot")
+    p.add_argument(
+        "--save-dir",
+        metavar="DIR",
+        help="where the stream backend saves the never-run guest (a 0700 directory; default "
+        "/var/lib/hvcpolicy/save, or ~/.local/state/hvcpolicy/save for a non-root user)",
+    )
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser(
@@ -154,17 +161,10 @@ def add_to_definition(xml: str, element: str, qmp_path: str | None) -> str:
     ``-qmp unix:QMP_PATH,server=on,wait=off`` in ``<qemu:commandline>``."""
     import xml.etree.ElementTree as ET
 
+    from hvcpolicy.domainxml import set_policy_element
+
     ET.register_namespace("qemu", QEMU_NS)
-    ET.register_namespace("hvc", XMLNS)
-    root = ET.fromstring(xml)
-    metadata = root.find("metadata")
-    if metadata is None:
-        metadata = ET.Element("metadata")
-        # libvirt orders it itself on define; after <uuid>/<description> reads best
-        root.insert(min(3, len(root)), metadata)
-    for old in metadata.findall(f"{{{XMLNS}}}policy"):
-        metadata.remove(old)
-    metadata.append(ET.fromstring(element))
+    root = ET.fromstring(set_policy_element(xml, element))
     if qmp_path is not None:
         cmdline = root.find(f"{{{QEMU_NS}}}commandline")
         if cmdline is None:
@@ -234,16 +234,16 @@ def cmd_start(args: argparse.Namespace) -> int:
     from hvcpolicy import libvirt
     from hvcpolicy.cli.common import subject_from_domain
     from hvcpolicy.domainxml import parse_domain
-    from hvcpolicy.hook import entry
+    from hvcpolicy.errors import HvcError, Refused
     from hvcpolicy.hook.stages import check_host
+    from hvcpolicy.savecycle import default_dir, image_dir
     from hvcpolicy.snapshot import DEFAULT_PATH, load_snapshot
+    from hvcpolicy.start import start
 
     conf = _hook_config()
     conn = libvirt.connect(args.connect)
     try:
         dom = libvirt.lookup(conn, args.domain)
-        if libvirt.is_active(dom):
-            raise UsageError(f"domain {args.domain!r} is already running")
         where = f"domain {args.domain!r}"
         domain = parse_domain(libvirt.domain_xml(dom, inactive=True), where)
         subject = subject_from_domain(domain, where, args.policy_dir, load=_cached_loader(conf))
@@ -255,105 +255,56 @@ def cmd_start(args: argparse.Namespace) -> int:
             or (conf.host_snapshot if conf else DEFAULT_PATH)
         )
         snap = load_snapshot(snap_path) if os.path.exists(snap_path) else None
+        save_dir = image_dir(
+            args.save_dir or (conf.save_dir if conf is not None else None) or default_dir()
+        )
         lock = None
-        if snap is not None:
-            target = check_host(subject.policy, snap, where)
-            if _same_inputs_as_hook(conf, args.policy_dir, snap_path):
-                from hvcpolicy.startlock import StartLock
+        if conf is not None:
+            from hvcpolicy.startlock import StartLock
 
-                assert conf is not None
-                lock = StartLock.acquire(conf.run_dir, args.domain)
-                if lock is not None:  # the hook's prepare will leave this check to us
-                    _audit(conf, domain, "prepare", "allowed", after=_regs(target))
-                    argv = [args.domain, "started", "begin", "-"]
-                    lock.serve(lambda stdin: entry.serve(argv, stdin, conf))
+            # held until the guest runs: the hook's prepare and started step aside for this
+            # start and for the stream backend's restore
+            lock = StartLock.acquire(conf.run_dir, args.domain)
         try:
-            handed = _start(args, dom, subject.policy, snap, where, lock)
+            if snap is not None:
+                target = check_host(subject.policy, snap, where)
+                if lock is not None:  # the hook's prepare leaves this check to start
+                    _audit(conf, domain, "prepare", "allowed", after=_regs(target))
+            done = start(
+                conn,
+                dom,
+                subject.policy,
+                snap,
+                timeout=args.timeout,
+                save_dir=save_dir,
+                lock=lock,
+            )
+        except HvcError as err:
+            outcome = "refused" if isinstance(err, Refused) else "error"
+            _audit(conf, domain, "start", outcome, reason=err.message)
+            raise
         finally:
             if lock is not None:
                 lock.release()
-        if handed:  # what the hook's recorder would have said
-            _audit(conf, domain, "started/recorder", "recorded-resumed")
-        sys.stdout.write(f"{args.domain}: started under policy {subject.policy.name!r}\n")
+        result = done.result
+        _audit(
+            conf,
+            domain,
+            "start",
+            done.outcome,
+            before=_regs(result.before),
+            after=_regs(result.applied_registers()),
+            backend=done.backend,
+        )
+        for note in done.notes + result.warnings:
+            sys.stderr.write(f"hvcpolicy: {args.domain}: {note}\n")
+        sys.stdout.write(
+            f"{args.domain}: started under policy {subject.policy.name!r} "
+            f"({done.outcome}, {done.backend} backend)\n"
+        )
     finally:
         conn.close()
     return EXIT_OK
-
-
-def _start(
-    args: argparse.Namespace, dom: Any, policy: Any, snap: Any, where: str, lock: Any
-) -> bool:
-    """Paused start, then (the hook's hand-over, else apply here) record, resume; on any
-    failure the domain is destroyed: it never ran. -> whether the hook handed over."""
-    from hvcpolicy import libvirt
-
-    host = snap.registers if snap is not None else None
-    libvirt.start_paused(dom)
-    try:
-        handed = lock.handed_over() if lock is not None else None
-        if handed is not None:  # the hook applied and verified on every vCPU
-            _check_hand_over(policy, handed, host, where)
-            element: str | None = handed.element
-        else:
-            element = _apply_here(args, dom, policy, snap, where)
-        if element is not None:
-            libvirt.set_policy_metadata(dom, element, live=True)
-        # handed over: no recorder was forked, so nobody else resumes it (no state round trip)
-        if handed is not None or libvirt.state(dom) == "paused":
-            libvirt.resume(dom)
-    except BaseException:
-        import contextlib
-
-        with contextlib.suppress(Unavailable):  # gone already: what failed is the error
-            libvirt.destroy(dom)
-        raise
-    return handed is not None
-
-
-def _check_hand_over(policy: Any, handed: Any, host: dict[int, int] | None, where: str) -> None:
-    """Plan again from what the hook read before its write, as it did, and hold its read-back
-    to that: what is recorded is what this policy makes of this guest on this host."""
-    from hvcpolicy import compliance
-    from hvcpolicy.errors import Refused
-
-    ref = compliance.reference(policy, handed.before, host=host)
-    assert ref is not None
-    diffs = compliance.differences(ref, handed.after)
-    if diffs:
-        raise Refused(f"{where}: the hook's hand-over does not match: {'; '.join(diffs)}", diffs)
-
-
-def _apply_here(args: argparse.Namespace, dom: Any, policy: Any, snap: Any, where: str) -> Any:
-    """No hook handed anything over: enforce over QMP here (prelaunch: apply; when a hook
-    already applied and resumed: verify, as the flow does); -> the element to record, or None."""
-    from hvcpolicy import libvirt
-    from hvcpolicy.domainxml import parse_domain
-    from hvcpolicy.enforce import enforce
-    from hvcpolicy.hook.recorder import applied_element
-    from hvcpolicy.qmp import QMP
-
-    host = snap.registers if snap is not None else None
-    live = parse_domain(libvirt.domain_xml(dom), where)
-    sock = live.qmp_socket
-    if not sock:
-        raise Unavailable(f"{where} has no QMP socket for hvcpolicy: run `hvcpolicy attach`")
-    with QMP(sock, args.timeout) as qmp:
-        result = enforce(qmp, policy, host=host, domain=args.domain)
-    if live.meta is None:
-        return None
-    return applied_element(live.meta, result.applied_registers(), snap)
-
-
-def _same_inputs_as_hook(conf: Any, policy_dir_arg: str | None, snap_path: str) -> bool:
-    """Only a check made from what the hook's prepare would read may stand in for it."""
-    from hvcpolicy.policy import policy_dir
-
-    if conf is None:
-        return False
-    hook_dir: str = conf.policy_dir
-    hook_snap: str = conf.host_snapshot
-    same = os.path.realpath(policy_dir(policy_dir_arg)) == os.path.realpath(hook_dir)
-    return same and os.path.realpath(snap_path) == os.path.realpath(hook_snap)
 
 
 def _audit(conf: Any, domain: Any, stage: str, outcome: str, **fields: str) -> None:
@@ -361,6 +312,8 @@ def _audit(conf: Any, domain: Any, stage: str, outcome: str, **fields: str) -> N
     which did that part of the work."""
     from hvcpolicy import audit, counters
 
+    if conf is None:
+        return
     line = {
         "domain": domain.name,
         "uuid": domain.uuid or "-",

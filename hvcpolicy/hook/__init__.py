@@ -2,8 +2,9 @@
 
 ``qemu`` (package data: the sh pre-filter that ``install-hook`` renders into libvirt's hooks
 directory) execs ``python3 -I -S`` on ``hvcpolicy.hook.entry.main`` with DOMAIN OP SUB X, the
-domain XML on stdin. While ``hvcpolicy start`` drives a start, it runs ``started`` itself on the
-sh pre-filter's call (``entry.serve``, see startlock.py): the same code, in a warm interpreter.
+domain XML on stdin. While ``hvcpolicy start`` (or this hook's detached child) drives a start,
+the stages of that start step aside (``startlock.steps_aside``; the sh pre-filter makes the same
+test without Python): ``start`` enforces, records and resumes itself.
 
 libvirt runs the hook synchronously with the domain locked, so every stage imports only what it
 needs (no argparse, yaml, jsonschema, asyncio or libvirt on ``prepare``/``migrate``/``restore``),

@@ -10,6 +10,8 @@
     audit_file =                # optional: also append audit lines here (syslog always)
     counters_dir =              # decision totals; default: counters/ beside host_snapshot
     run_dir = /run/hvcpolicy
+    save_dir =                  # the stream backend's images (0700); empty: /var/lib/hvcpolicy/save
+                                # for root, ~/.local/state/hvcpolicy/save for a session user
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ DEFAULTS = {
     "audit_file": "",
     "run_dir": "/run/hvcpolicy",
     "counters_dir": "",
+    "save_dir": "",
 }
 MAX_CONF = 64 << 10
 
@@ -47,6 +50,7 @@ class Config:
         self.counters_dir = values["counters_dir"] or os.path.join(
             os.path.dirname(os.path.abspath(self.host_snapshot)), "counters"
         )  # counters.default_dir, without importing it before a decision is logged
+        self.save_dir = values["save_dir"] or None
         try:
             self.qmp_timeout = float(values["qmp_timeout"])
         except ValueError:

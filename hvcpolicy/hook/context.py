@@ -32,7 +32,6 @@ class Hook:
             "policy": "-",
         }
         self._domain: Domain | None = None
-        self.served = False  # run inside `hvcpolicy start` (serve): never fork from there
 
     @property
     def domain(self) -> Domain:

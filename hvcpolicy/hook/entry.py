@@ -51,13 +51,6 @@ def leave(rc: int) -> None:
     os._exit(rc)
 
 
-def serve(argv: list[str], stdin: IO[bytes], conf: Config) -> tuple[int, str]:
-    """The stage run inside ``hvcpolicy start``, which holds the start lock and serves the sh
-    pre-filter's request (startlock.py) from its warm interpreter: the same run as ``main``'s,
-    with start's config. -> (exit status, the message the hook would print)."""
-    return run(argv, _read_xml(b"", stdin), lambda: conf, served=True)
-
-
 def _read_xml(head: bytes, stdin: IO[bytes]) -> bytes:
     try:
         # at most one byte past the limit: parse_domain refuses it, the rest is never read
@@ -66,19 +59,21 @@ def _read_xml(head: bytes, stdin: IO[bytes]) -> bytes:
         return head
 
 
-def run(
-    argv: list[str], xml: bytes, config: Callable[[], Config], served: bool = False
-) -> tuple[int, str]:
+def run(argv: list[str], xml: bytes, config: Callable[[], Config]) -> tuple[int, str]:
     """One stage, every error one audit line and one message; -> (exit status, message)."""
     stage = argv[1]
     hook: Hook | None = None
     try:
         from hvcpolicy.hook.stages import STAGES
 
-        hook = Hook(argv, xml, config())
-        if served:
-            hook.served = True
-            hook.audit["by"] = "start"
+        conf = config()
+        from hvcpolicy.startlock import steps_aside
+
+        # `hvcpolicy start` (or the hook's child) drives this start or its own restore: the
+        # sh pre-filter steps aside the same way, without Python, when it can
+        if steps_aside(conf.run_dir, argv[0], stage):
+            return 0, ""
+        hook = Hook(argv, xml, conf)
         return STAGES[stage](hook), ""
     except HvcError as err:
         outcome = "refused" if isinstance(err, Refused) else "error"

@@ -10,9 +10,8 @@ from hvcpolicy.errors import HvcError
 
 TYPE_CHECKING = False  # typing costs more than the interpreter's start-up: checker-only names
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
-    from hvcpolicy.domainxml import DomainPolicy
     from hvcpolicy.hook.context import Hook
     from hvcpolicy.snapshot import Snapshot
 
@@ -24,30 +23,21 @@ def hook_element(hook: Hook, registers: Mapping[int, int]) -> str:
         snap: Snapshot | None = hook.snapshot()
     except HvcError:
         snap = None
+    from hvcpolicy.domainxml import applied_element
+
     return applied_element(meta, registers, snap)
 
 
-def applied_element(meta: DomainPolicy, registers: Mapping[int, int], snap: Snapshot | None) -> str:
-    """The domain's ``<hvc:policy>`` with ``<hvc:applied>``: what this host (its snapshot's
-    name and kernel, else uname's) wrote, and when. Shared with ``hvcpolicy start``."""
-    import time
-
-    from hvcpolicy.domainxml import Applied, render_policy, with_applied
-
-    u = os.uname()
-    applied = Applied(
-        host=snap.host if snap is not None else u.nodename,
-        kernel=snap.kernel if snap is not None else u.release,
-        at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        registers=dict(registers),
-    )
-    return render_policy(with_applied(meta, applied))
-
-
 def spawn_recorder(hook: Hook, element: str, resume: bool) -> None:
-    """Fork a fully detached child (setsid, fds 0-2 on /dev/null, nothing else open) that, once
-    libvirt's start job ends, records ``element`` in the live XML and, when asked, resumes.
-    It may call libvirt: it is no longer inside the hook, so it simply waits for the job."""
+    """Fork a detached child (:func:`detached`) that, once libvirt's start job ends, records
+    ``element`` in the live XML and, when asked, resumes."""
+    detached(lambda: _record_and_resume(hook, element, resume))
+
+
+def detached(work: Callable[[], int]) -> None:
+    """Run ``work`` in a fully detached child (setsid, fds 0-2 on /dev/null, nothing else open)
+    and return at once. The child may call libvirt: it is no longer inside the hook, so it
+    simply waits for libvirt's job on the domain to end."""
     if os.fork():
         return  # the hook exits right after: the child is reparented, no zombie is left
     try:
@@ -56,7 +46,7 @@ def spawn_recorder(hook: Hook, element: str, resume: bool) -> None:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.closerange(3, 65536)  # the QMP socket above all: QEMU serves one client at a time
-        rc = _record_and_resume(hook, element, resume)
+        rc = work()
     except BaseException:
         rc = 1
     os._exit(rc)

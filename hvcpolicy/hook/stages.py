@@ -59,7 +59,11 @@ def stage_move(hook: Hook) -> int:
     snap = hook.snapshot()
     meta = hook.domain.meta
     applied = meta.applied.registers if meta is not None and meta.applied is not None else None
-    verdict = check_migration(policy, snap, applied=applied)
+    # an explicit <hvc:qmp> names where the QMP interface is served (a QEMU that has it, or
+    # hvcpolicy simulate): registers new here are cleared on arrival. Else a stock QEMU: they
+    # keep this kernel's reset values, which must expose nothing new (SPEC section 7)
+    writable = meta is not None and meta.qmp_socket is not None
+    verdict = check_migration(policy, snap, applied=applied, writable_on_arrival=writable)
     what = "an incoming migration" if hook.stage == "migrate" else "a restore"
     if not verdict.ok:
         raise Refused(
@@ -74,7 +78,8 @@ def stage_move(hook: Hook) -> int:
 def stage_started(hook: Hook) -> int:
     """Enforce through the one flow (hvcpolicy.enforce) over the one QMP client: prelaunch and
     inmigrate write and read back every vCPU; any other runstate is held to ``<hvc:applied>``
-    or the plan. Then, for prelaunch, the record (and resume) is handed on."""
+    or the plan. Then, for prelaunch, a detached recorder records (and resumes). A stock QEMU
+    (no property) goes to :mod:`hvcpolicy.hook.stock`."""
     policy = hook.policy()
     if policy is None:
         return 0
@@ -84,15 +89,21 @@ def stage_started(hook: Hook) -> int:
     with QMP(_qmp_socket(hook), hook.conf.qmp_timeout) as qmp:
         state = qmp.runstate()
         hook.audit["stage"] = f"started/{state}"
-        result = enforce(
-            qmp,
-            policy,
-            runstate=state,
-            applied=_applied(hook),
-            host=_host_registers(hook),
-            domain=hook.domain.name,
-        )
+        stock = not qmp.has_interface()  # a stock QEMU: its QMP still tells the runstate
+        if not stock:
+            result = enforce(
+                qmp,
+                policy,
+                runstate=state,
+                applied=_applied(hook),
+                host=_host_registers(hook),
+                domain=hook.domain.name,
+            )
     # the connection is closed here, before any fork: QEMU serves one QMP client at a time
+    if stock:
+        from hvcpolicy.hook.stock import started_stock
+
+        return started_stock(hook, policy, state)
     if result.outcome == UNSUPPORTED_WARNED:
         hook.log(result.outcome, warning=True, reason=result.warnings[0])
         return 0
@@ -159,20 +170,13 @@ def _host_registers(hook: Hook) -> Mapping[int, int] | None:
 
 
 def _apply_prelaunch(hook: Hook, before: Mapping[int, int], after: Mapping[int, int]) -> int:
-    """Applied and read back on every vCPU: hand the record on (to ``hvcpolicy start``, or to
-    a detached recorder that records ``<hvc:applied>`` and, when asked, resumes)."""
+    """Applied and read back on every vCPU: a detached recorder records ``<hvc:applied>`` and,
+    when asked, resumes (``hvcpolicy start`` does both itself: this stage steps aside then)."""
     meta = hook.domain.meta
     if meta is not None:
-        from hvcpolicy import startlock
         from hvcpolicy.hook.recorder import hook_element, spawn_recorder
 
-        element = hook_element(hook, after)
-        # `hvcpolicy start` drives this start: it records and resumes, and no virsh races it
-        handed = startlock.hand_over(hook.conf.run_dir, hook.argv[0], before, after, element)
-        if not handed and hook.served:  # start's own lock, lost: and never fork from start
-            raise Unavailable(f"hvcpolicy: {hook.argv[0]!r}: the start lock was lost")
-        if not handed:
-            spawn_recorder(hook, element, meta.resume_after_apply)
+        spawn_recorder(hook, hook_element(hook, after), meta.resume_after_apply)
     return 0
 
 
