@@ -13,7 +13,7 @@ it is doing with libvirt right now (the *phase*):
 - ``busy``: anything else (reading, planning, the save, the read-back). A start by someone else
   in between (say, after the save and before the restore) gets the whole hook.
 
-The sh pre-filter (``hooks/qemu``) makes this test with ``flock -n`` and ``read``, without
+The sh pre-filter (``hvcpolicy/hook/qemu``) makes this test with ``flock -n`` and ``read``, without
 starting Python; the hook's Python makes it again (:func:`driving`) for when it runs anyway. A
 lock nobody holds (its start is gone: the lock died with it) or a file this user does not own or
 others can write is ignored: the hook then does everything itself, which is always safe.
