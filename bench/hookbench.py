@@ -305,7 +305,8 @@ def stage_package(package: Path, dest: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(package / "hvcpolicy", dest / "hvcpolicy", ignore=ignore)
     shutil.copytree(qemu_dir, dest / "qemu", ignore=ignore)
-    shutil.copytree(package / "hooks", dest / "hooks")  # the hook script install-hook renders
+    if (package / "hooks").is_dir():  # a tree from before the script was package data
+        shutil.copytree(package / "hooks", dest / "hooks")
     subprocess.run([HOOK_PYTHON, "-m", "compileall", "-q", str(dest)], check=True, timeout=300)
 
 

@@ -45,6 +45,7 @@ RUNSTATES = (
 STAGES = frozenset(
     (
         "prepare",
+        "start",  # hvcpolicy start's own line (its stages step aside)
         "started",
         "started/recorder",
         "migrate",
@@ -63,6 +64,10 @@ OUTCOMES = frozenset(
         "unchanged",
         "verified",
         "dry-run",
+        "predicted",
+        # a stock QEMU's started stage (hook/stock.py)
+        "stream-deferred",
+        "paused-unenforced",
         "differs",
         "differs-warned",
         "unsupported-qemu-warned",

@@ -42,6 +42,9 @@ DIFFERS = "differs"  # inspect only (reconnect, status): the guest differs; neve
 DIFFERS_WARNED = "differs-warned"  # not writable, values differ, already-running: warn
 UNSUPPORTED_WARNED = "unsupported-qemu-warned"  # no way to the registers, unsupported-qemu: warn
 DRY_RUN = "dry-run"  # planned only
+# A stock QEMU's guest that cannot be read without stopping it: this host's fresh values (its
+# snapshot) are what the plan leaves, so nothing needs writing (hook/stock.py).
+PREDICTED = "predicted"
 # What the hook and ``start`` log when the flow raised (the error's one line is the reason).
 REFUSED = "refused"
 ERROR = "error"
@@ -49,7 +52,7 @@ ERROR = "error"
 COMPLIANT = frozenset({APPLIED, UNCHANGED, VERIFIED})
 OUTCOMES = frozenset(
     {APPLIED, UNCHANGED, VERIFIED, DIFFERS, DIFFERS_WARNED, UNSUPPORTED_WARNED, DRY_RUN}
-    | {REFUSED, ERROR}
+    | {PREDICTED, REFUSED, ERROR}
 )
 
 

@@ -39,7 +39,7 @@ def main(argv: list[str], stdin: IO[bytes]) -> int:
 
 
 def leave(rc: int) -> None:
-    """What the sh pre-filter (``qemu``) runs after :func:`main`: exit without the interpreter's teardown.
+    """What the sh pre-filter runs after :func:`main`: exit without the interpreter's teardown.
     Everything the hook writes is closed or flushed by then (the audit line, stderr, the QMP
     connection); unloading asyncio and qemu.qmp alone costs a QMP stage ~8 ms, with libvirt
     holding the domain's lock."""

@@ -17,6 +17,7 @@ the runstate (QEMU's own QMP) and what a fresh guest holds on this host (the hos
 
 from __future__ import annotations
 
+from hvcpolicy.enforce import PREDICTED
 from hvcpolicy.errors import HvcError, Refused
 from hvcpolicy.hook.context import regs
 
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 # audit outcomes of this stage (beside the flow's)
 DEFERRED = "stream-deferred"  # the detached child enforces through the stream backend
 PAUSED_UNENFORCED = "paused-unenforced"  # stays paused: nothing enforced it yet
-PREDICTED = "predicted"  # not readable: this host's defaults are what the plan leaves
 
 
 def started_stock(hook: Hook, policy: Policy, state: str) -> int:

@@ -142,6 +142,7 @@ def hook_site() -> Iterator[Path]:
         (base / "hook.conf").write_text(
             f"policy_dir = {base}/policies\nhost_snapshot = {base}/host.json\n"
             f"cache_dir = {base}/cache\nqmp_timeout = {TIMEOUT:g}\n"
+            f"audit_file = {base}/audit.log\n"
         )
         (base / "hook.conf").chmod(0o644)
         yield base
@@ -160,7 +161,8 @@ def domain_xml(name: str, sock: str) -> bytes:
     ).encode()
 
 
-HOOK_SCENARIOS = [s for s in SCENARIOS if s[0] != "hang-resume"]
+# A QEMU without the interface is a stock QEMU to the hook (SPEC §7): tested on its own below.
+HOOK_SCENARIOS = [s for s in SCENARIOS if s[0] not in ("hang-resume", "no-interface")]
 
 
 @pytest.mark.parametrize(
@@ -188,6 +190,27 @@ def test_hook_started_fails_closed(
         assert run.seconds < TIMEOUT + SLACK, f"{what}: took {run.seconds:.2f} s"
         _check_guest(sim, scenario)
     record("qmp-faults/hook", Figures(inputs=1, seconds=run.seconds))
+
+
+def test_hook_leaves_a_stock_qemus_guest_paused_when_it_cannot_write(hook_site: Path) -> None:
+    """No interface, a saveable guest, no <hvc:resume after="apply"/> (SPEC §7): the hook cannot
+    write (it never calls libvirt), so the guest stays paused and unwritten, and the audit line
+    says how to enforce; the stage itself does not fail (the guest is already held)."""
+    with simulators(1, faults=["no-interface"], vcpus=1) as [sim]:
+        run = run_hook(
+            str(hook_site / "hook.conf"),
+            ["d0", "started", "begin", "-"],
+            domain_xml("d0", sim.path),
+        )
+        assert run.rc == 0, run.stderr
+        assert run.stdout == ""
+        assert "Traceback" not in run.stderr
+        assert run.seconds < TIMEOUT + SLACK
+        _check_guest(sim, "no-interface")
+        assert sim.vm.get_all() == sim.fresh, "a register was written"
+    line = (hook_site / "audit.log").read_text().splitlines()[-1]
+    assert "outcome=paused-unenforced" in line, line
+    assert "hvcpolicy start d0" in line, line
 
 
 def test_hook_reconnect_never_fails_whatever_qemu_does(hook_site: Path) -> None:

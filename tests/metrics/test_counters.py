@@ -111,6 +111,12 @@ def test_every_outcome_of_the_flow_can_be_counted() -> None:
     assert enforce.OUTCOMES <= counters.OUTCOMES
 
 
+def test_every_outcome_of_a_stock_qemus_started_stage_can_be_counted() -> None:
+    from hvcpolicy.hook import stock
+
+    assert {stock.DEFERRED, stock.PAUSED_UNENFORCED, stock.PREDICTED} <= counters.OUTCOMES
+
+
 def test_counting_is_cheap(tmp_path: Path) -> None:
     import time
 
