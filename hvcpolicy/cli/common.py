@@ -31,7 +31,9 @@ class Subject(Record):
         self.why_unmanaged = why_unmanaged
 
 
-def add_subject_options(p: argparse.ArgumentParser, *, domain: bool = False) -> None:
+def add_subject_options(
+    p: argparse.ArgumentParser, *, domain: bool = False, image: bool = False
+) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--policy", metavar="P", help="a policy file, or a name in the policy dir")
     group.add_argument(
@@ -39,6 +41,12 @@ def add_subject_options(p: argparse.ArgumentParser, *, domain: bool = False) -> 
     )
     if domain:
         group.add_argument("--domain", metavar="NAME", help="a libvirt domain, read over --connect")
+    if image:
+        group.add_argument(
+            "--image",
+            metavar="FILE",
+            help="a saved guest: a libvirt save image (managed save too) or a QEMU stream",
+        )
 
 
 def read_xml_arg(arg: str) -> tuple[str, str]:

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "hvcpolicy.cli.libvirt",
     "hvcpolicy.cli.apply",
     "hvcpolicy.cli.daytwo",
+    "hvcpolicy.cli.image",
 )
 COMMANDS = {
     "validate": "hvcpolicy.cli.offline",
@@ -41,6 +42,7 @@ COMMANDS = {
     "apply": "hvcpolicy.cli.apply",
     "diff": "hvcpolicy.cli.daytwo",
     "status": "hvcpolicy.cli.daytwo",
+    "image": "hvcpolicy.cli.image",
 }
 
 

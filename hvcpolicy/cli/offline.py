@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from hvcpolicy import catalogue as cat
@@ -17,7 +18,15 @@ from hvcpolicy.cli.common import (
     subject_from_domain,
 )
 from hvcpolicy.errors import EXIT_INVALID, EXIT_OK, EXIT_REFUSED, InvalidInput
-from hvcpolicy.planner import Plan, Verdict, check_migration, host_level_rank, plan_start
+from hvcpolicy.planner import (
+    FeatureView,
+    Plan,
+    Verdict,
+    check_migration,
+    host_level_rank,
+    plan_start,
+    predict_load,
+)
 from hvcpolicy.policy import EXTENSIONS, LEVEL_NAMES, parse_policy, schema_problems, stem_of
 from hvcpolicy.snapshot import (
     Snapshot,
@@ -74,11 +83,12 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         help="would a destination accept this guest",
         description="Would the host of --to accept this guest? From the guest's <hvc:applied> "
         "record when the domain has one, else from the policy planned on --from, and the "
-        "policy on --to. Exit 0 accept, 3 refuse (every reason listed).",
+        "policy on --to; for --image, from the registers the saved guest carries (would it "
+        "restore there). Exit 0 accept, 3 refuse (every reason listed).",
         epilog="example: hvcpolicy check-migration --domain-xml "
         "examples/domains/web1-applied-6.18.xml --to examples/hosts/neoverse-n1_linux-6.1.json",
     )
-    add_subject_options(p, domain=True)
+    add_subject_options(p, domain=True, image=True)
     p.add_argument("--to", required=True, metavar="SNAP", help="destination host snapshot")
     p.add_argument("--from", dest="source", metavar="SNAP", help="source host snapshot")
     p.set_defaults(func=cmd_check_migration)
@@ -168,20 +178,43 @@ def _require_policy(subject: Subject) -> None:
         sys.stdout.write(f"{subject.why_unmanaged}: hvcpolicy leaves this domain alone\n")
 
 
-def explain_lines(plan: Plan, snap: Snapshot) -> list[str]:
-    lines = [
-        f"policy {plan.policy} on host {snap.host} (kernel {snap.kernel})",
-        "",
-        f"{'FEATURE':<24}{'REGISTER':<20}{'BIT':>3}  {'POLICY':<24}{'HOST':<17}GUEST SEES",
-    ]
-    for v in plan.features:
+def feature_lines(features: list[FeatureView], policy: bool = True) -> list[str]:
+    """The feature table: what the guest sees, bit by bit (``policy``: with the policy's mode
+    and the host's offer; without, for a saved guest, whose registers are what it sees)."""
+    middle = f"{'POLICY':<24}{'HOST':<17}" if policy else ""
+    lines = [f"{'FEATURE':<24}{'REGISTER':<20}{'BIT':>3}  {middle}GUEST SEES"]
+    for v in features:
         reg = cat.REGISTERS.get(v.register)
         host = "missing register" if v.offered is None else ("offers" if v.offered else "lacks")
         seen = "uncontrolled" if v.visible is None else ("yes" if v.visible else "no")
+        middle = f"{v.mode:<24}{host:<17}" if policy else ""
         lines.append(
             f"{v.name:<24}{reg.name if reg else cat.fmt_id(v.register):<20}{v.bit:>3}  "
-            f"{v.mode:<24}{host:<17}{seen}"
+            f"{middle}{seen}"
         )
+    return lines
+
+
+def level_lines(registers: Mapping[int, int], who: str = "host") -> list[str]:
+    """One line per mitigation register: its level and what that level means."""
+    lines = []
+    for reg in cat.REGISTERS.values():
+        if reg.policy_key is None:
+            continue
+        level = registers.get(reg.id)
+        if level is None:
+            lines.append(f"{reg.policy_key}: the {who} lacks {reg.name}")
+        else:
+            lines.append(
+                f"{reg.policy_key}: {who} level {level} "
+                f"({LEVEL_NAMES[host_level_rank(reg.id, level)]})"
+            )
+    return lines
+
+
+def explain_lines(plan: Plan, snap: Snapshot) -> list[str]:
+    lines = [f"policy {plan.policy} on host {snap.host} (kernel {snap.kernel})", ""]
+    lines.extend(feature_lines(plan.features))
     lines.append("")
     psci = snap.registers.get(cat.PSCI_VERSION)
     target = plan.target.get(cat.PSCI_VERSION)
@@ -193,17 +226,7 @@ def explain_lines(plan: Plan, snap: Snapshot) -> list[str]:
         lines.append(
             f"PSCI: host default {cat.psci_text(psci)}, guest sees {cat.psci_text(shown)} ({how})"
         )
-    for reg in cat.REGISTERS.values():
-        if reg.policy_key is None:
-            continue
-        level = snap.registers.get(reg.id)
-        if level is None:
-            lines.append(f"{reg.policy_key}: the host lacks {reg.name}")
-        else:
-            lines.append(
-                f"{reg.policy_key}: host level {level} "
-                f"({LEVEL_NAMES[host_level_rank(reg.id, level)]})"
-            )
+    lines.extend(level_lines(snap.registers))
     lines.append("")
     if plan.writes:
         lines.append(
@@ -260,6 +283,7 @@ def verdict_lines(verdict: Verdict, dest: Snapshot) -> list[str]:
         "applied": "the guest's <hvc:applied> record",
         "source": "the policy planned on the source host",
         "policy": "the policy",
+        "image": "the registers the saved guest carries",
     }[verdict.basis]
     lines = [f"{head}: migration to {dest.host} (kernel {dest.kernel}), judged from {basis}"]
     lines.extend(f"  reason: {r}" for r in verdict.reasons)
@@ -269,9 +293,29 @@ def verdict_lines(verdict: Verdict, dest: Snapshot) -> list[str]:
     return lines
 
 
+def _image_verdict(path: str, dest: Snapshot) -> Verdict:
+    """Would the saved guest in ``path`` restore on ``dest``: QEMU loads every register the
+    image carries into the destination's KVM, so the kernel's verdict on each decides."""
+    from hvcpolicy.imagefile import read_image
+
+    image = read_image(path)
+    applied = image.stream.firmware()
+    verdict = predict_load(applied, dest)
+    verdict.basis = "image"
+    if not applied:
+        verdict.notes.append(
+            f"{path} carries no firmware registers (not a KVM guest's stream): nothing for the "
+            "destination kernel to refuse"
+        )
+    return verdict
+
+
 def cmd_check_migration(args: argparse.Namespace) -> int:
-    subject = resolve_subject(args)
     dest = load_snapshot(args.to)
+    if getattr(args, "image", None) is not None:
+        verdict = _image_verdict(args.image, dest)
+        return _report_verdict(args, verdict, dest)
+    subject = resolve_subject(args)
     source = load_snapshot(args.source) if args.source else None
     applied = None
     if subject.domain is not None and subject.domain.meta is not None:
@@ -281,6 +325,10 @@ def cmd_check_migration(args: argparse.Namespace) -> int:
         _require_policy(subject)
         return EXIT_OK
     verdict = check_migration(subject.policy, dest, applied=applied, source=source)
+    return _report_verdict(args, verdict, dest)
+
+
+def _report_verdict(args: argparse.Namespace, verdict: Verdict, dest: Snapshot) -> int:
     if args.format == "json":
         emit_json(verdict.to_json())
     else:
