@@ -5,7 +5,8 @@
     python3 lab/build.py --clean    # from scratch
 
 Result (lab/build/): ``rootfs.cpio.zst`` (Debian trixie arm64 minbase with python3, QEMU and
-libvirt), ``probe.bin`` (the SMCCC probe guest, lab/guest/smccc/probe.s), and for each kernel
+libvirt), ``probe.bin`` and ``probe-hold.bin`` (the SMCCC probe guest, lab/guest/smccc/probe.s),
+and for each kernel
 ``kernels/<release>/vmlinuz`` and ``kernels/<release>/initrd.img`` (the rootfs
 followed by a small cpio with ``/init`` and the 9p modules), listed in ``kernels.json``.
 
@@ -339,19 +340,23 @@ def add_libvirt(apt: Apt) -> None:
 
 
 def build_probe() -> None:
-    """lab/build/probe.bin: the SMCCC probe as a raw arm64 Image (QEMU -kernel boots it)."""
-    out = BUILD / "probe.bin"
+    """lab/build/probe.bin: the SMCCC probe as a raw arm64 Image (QEMU -kernel boots it), and
+    probe-hold.bin: the same without the final power-off (libvirt_start.py)."""
     source = PROBE_SOURCE.read_bytes()
     stamp = BUILD / "probe.source"
-    if out.exists() and stamp.exists() and stamp.read_bytes() == source:
+    outs = {"probe": [], "probe-hold": ["--defsym", "HOLD=1"]}
+    built = all((BUILD / f"{name}.bin").exists() for name in outs)
+    if built and stamp.exists() and stamp.read_bytes() == source:
         return
     work = BUILD / "probe"
     work.mkdir(exist_ok=True)
-    run([f"{CROSS}as", "-o", str(work / "probe.o"), str(PROBE_SOURCE)])
-    run([f"{CROSS}ld", "-Ttext=0", "-o", str(work / "probe.elf"), str(work / "probe.o")])
-    run([f"{CROSS}objcopy", "-O", "binary", str(work / "probe.elf"), str(out)])
+    for name, defs in outs.items():
+        obj, elf, out = work / f"{name}.o", work / f"{name}.elf", BUILD / f"{name}.bin"
+        run([f"{CROSS}as", *defs, "-o", str(obj), str(PROBE_SOURCE)])
+        run([f"{CROSS}ld", "-Ttext=0", "-o", str(elf), str(obj)])
+        run([f"{CROSS}objcopy", "-O", "binary", str(elf), str(out)])
+        log(f"{out.name} assembled ({out.stat().st_size} bytes)")
     stamp.write_bytes(source)
-    log(f"probe.bin assembled ({out.stat().st_size} bytes)")
 
 
 def pack_rootfs() -> None:

@@ -45,7 +45,7 @@ HVCPOLICY = (sys.executable, "-m", "hvcpolicy")
 VENDOR_HYP_BMAP = 0x6030000000160002
 RUN_TIMEOUT = 120.0
 LINE = re.compile(
-    r"hvcprobe pass=(\d) cpu=(\d) (\w+) ([0-9a-f]{16}) ([0-9a-f]{16}) ([0-9a-f]{16}) ([0-9a-f]{16})"
+    r"hvcprobe pass=(\d) cpu=(\d) (\w+) ([0-9a-f]+) ([0-9a-f]+) ([0-9a-f]+) ([0-9a-f]+)$"
 )
 
 

@@ -16,9 +16,11 @@ Each domain is then started with the policy enforced on a stock QEMU (``START``)
   image is gone), patch every vCPU, ``virsh restore --paused --xml`` with ``<hvc:applied>``,
   ``virsh resume``.
 
-The domain powers itself off when the probe is done (``on_poweroff`` preserve keeps the live XML
-for a look). Results: ``OUTDIR/libvirt.json``: per QEMU, each step's time, the probe's output
-parsed, the live XML's ``<hvc:policy>`` element, and the hook's audit lines.
+The domain runs ``probe-hold.bin``, which stays up after its last line, so the live XML can be
+read once the probe is done; then the job destroys the domain.
+
+Results: ``OUTDIR/libvirt.json``: per QEMU, each step's time, the probe's output parsed, the
+live XML's ``<hvc:policy>`` element, and the hook's audit lines.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ START = "virsh"
 POLICY = "lab-pinned"
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-PROBE = os.path.join(REPO, "lab", "build", "probe.bin")
+# The probe that stays up after its last line: libvirt's qemu driver cannot preserve a domain
+# that powered off, and the live XML is what this job looks at.
+PROBE = os.path.join(REPO, "lab", "build", "probe-hold.bin")
 IMAGES = "/var/lib/libvirt/images"
 SAVE_DIR = "/var/lib/hvcpolicy-lab/save"
 POLICY_DIR = "/etc/hvcpolicy/policies"
@@ -66,7 +70,7 @@ DOMAIN = """<domain type='kvm'>
   <os><type arch='aarch64' machine='virt'>hvm</type><kernel>{kernel}</kernel></os>
   <features><gic version='3'/></features>
   <cpu mode='host-passthrough'/>
-  <on_poweroff>preserve</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>
+  <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>
   <devices>
     <emulator>{emulator}</emulator>
     <controller type='usb' model='none'/>
@@ -175,11 +179,17 @@ def state(name: str) -> str:
 
 
 def wait_probe(name: str, timeout: float = 120.0) -> str:
-    """Until the probe powered the guest off (or the domain went away)."""
+    """Until the probe printed its last line (or the domain went away)."""
+    serial = SERIAL.format(name=name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if os.path.exists(serial):
+            with open(serial, errors="replace") as f:
+                text = f.read()
+            if "hvcprobe done" in text or "hvcprobe error" in text:
+                return state(name)
         st = state(name)
-        if not st.startswith(("running", "paused")) or "shutdown" in st:
+        if not st.startswith(("running", "paused")):
             return st
         time.sleep(0.3)
     return f"timeout: {state(name)}"

@@ -2,10 +2,12 @@
 // kvm) boots as a Linux Image at EL1 with the MMU off. It makes the firmware calls whose answers
 // hvcpolicy governs by HVC, on vCPU 0 and on vCPU 1 (brought up with PSCI CPU_ON), prints every
 // result on the PL011 of QEMU's `virt` machine, resets the machine once with PSCI SYSTEM_RESET and
-// makes the calls again, then powers off with SYSTEM_OFF.
+// makes the calls again, then powers off with SYSTEM_OFF. Assembled with ``--defsym HOLD=1``
+// (probe-hold.bin) it stays up after its last line instead, so libvirt keeps the domain (and its
+// live XML) until the VMM stops it: libvirt's qemu driver has no on_poweroff "preserve".
 //
 // Output, one line per call (lab/guest/enforce.py parses it):
-//     hvcprobe pass=<1|2> cpu=<0|1> <CALL> <x0> <x1> <x2> <x3>      (16 hex digits each)
+//     hvcprobe pass=<1|2> cpu=<0|1> <CALL> <x0> <x1> <x2> <x3>      (hex, no leading zeros)
 // plus "hvcprobe begin pass=N", "hvcprobe reset", "hvcprobe done" and "hvcprobe error <what>".
 //
 // Position independent (adr/ldr= only): QEMU chooses the load address from the header below.
@@ -14,7 +16,6 @@
 // second pass from the first. Assembled with binutils alone (no C preprocessor): lab/build.py.
 
         .equ UART,          0x09000000      // PL011 data register on virt
-        .equ UARTFR,        0x09000018      // flag register: bit 5 = transmit FIFO full
         .equ MARKER,        0x41000000      // virt RAM starts at 0x40000000
         .equ MAGIC,         0x68766370726f6265  // "hvcprobe"
 
@@ -105,23 +106,33 @@ primary:
         hvc     #0
         mov     x19, x0
         cbnz    x19, 9f                 // print the result only once vCPU 1 is done printing
+        // A bound in time (the generic timer: 60 s), so a lost vCPU ends the probe with an
+        // error; vCPU 1 prints through MMIO exits, which are slow when KVM itself is nested.
+        mrs     x20, cntfrq_el0
+        mov     x10, #60
+        mul     x20, x20, x10
+        isb
+        mrs     x10, cntvct_el0
+        add     x20, x20, x10           // x20 = the deadline
         adr     x9, cpu1_flag
-        ldr     x20, =200000000         // a bound, so a lost vCPU ends the probe with an error
 2:      ldr     x10, [x9]
-        cbnz    x10, 3f
-        subs    x20, x20, #1
-        b.eq    error_cpu1
+        cbnz    x10, 4f
+        isb
+        mrs     x10, cntvct_el0
+        cmp     x10, x20
+        b.hs    error_cpu1
         b       2b
         // Wait until PSCI says vCPU 1 is off, so the reset finds it quiet.
-3:      ldr     x20, =1000000
 4:      ldr     x0, =PSCI_AFFINITY
         mov     x1, #1
         mov     x2, #0
         hvc     #0
         cmp     x0, #1                  // 1 = OFF
         b.eq    9f
-        subs    x20, x20, #1
-        b.ne    4b
+        isb
+        mrs     x10, cntvct_el0
+        cmp     x10, x20
+        b.lo    4b
         b       error_cpu1
 9:      adr     x0, s_cpuon
         bl      puts
@@ -141,10 +152,15 @@ primary:
         str     xzr, [x9]
         adr     x0, s_done
         bl      puts
+        .ifdef  HOLD                    // probe-hold.bin: stay up until the VMM stops the guest
+10:     wfi
+        b       10b
+        .else
         ldr     x0, =PSCI_SYSTEM_OFF
         hvc     #0
         adr     x0, s_err_off
         b       error
+        .endif
 
 error_cpuon:
         adr     x0, s_err_cpuon
@@ -218,11 +234,10 @@ call_one:
         ldp     x29, x30, [sp], #16
         ret
 
-// putc: w0 = character. Clobbers x9, x10.
+// putc: w0 = character. Clobbers x9. QEMU's PL011 takes every write at once (its flag
+// register never says "full"), and each MMIO access is an exit to QEMU, slow when KVM itself
+// is nested: so no polling of UARTFR.
 putc:
-        ldr     x9, =UARTFR
-1:      ldr     w10, [x9]
-        tbnz    w10, #5, 1b
         ldr     x9, =UART
         strb    w0, [x9]
         ret
@@ -238,19 +253,24 @@ puts:
 2:      mov     x30, x12
         ret
 
-// puthex: x0 as 16 hex digits. Clobbers x0, x9..x14.
+// puthex: x0 in hex without leading zeros (fewer MMIO exits). Clobbers x0, x9..x14.
 puthex:
         mov     x12, x30
         mov     x11, x0
         mov     x13, #60
+        mov     x14, #0                 // 1 once a digit was printed
 1:      lsr     x0, x11, x13
         and     x0, x0, #0xf
-        cmp     x0, #10
-        b.lo    2f
+        orr     x14, x14, x0
+        cbnz    x14, 2f
+        cbnz    x13, 4f                 // a leading zero (the last digit always prints)
+2:      cmp     x0, #10
+        b.lo    3f
         add     x0, x0, #('a' - '0' - 10)
-2:      add     x0, x0, #'0'
+3:      add     x0, x0, #'0'
         bl      putc
-        subs    x13, x13, #4
+        mov     x14, #1
+4:      subs    x13, x13, #4
         b.pl    1b
         mov     x30, x12
         ret
