@@ -40,7 +40,7 @@ from enforce import fw_json, parse_probe
 from migrate import qemus
 
 from hvcpolicy import domainxml, imagefile, planner
-from hvcpolicy.hook import applied_element
+from hvcpolicy.domainxml import Applied, render_policy, with_applied
 from hvcpolicy.policy import load_policy
 from hvcpolicy.snapshot import load_snapshot
 
@@ -227,7 +227,9 @@ def start_virsh(name: str, version: str, steps: dict[str, float], rec: dict[str,
     xml = timed(steps, "dumpxml", virsh, "save-image-dumpxml", image_path, "--security-info").stdout
     meta = domainxml.parse_domain(xml.encode(), image_path).meta
     assert meta is not None, "the saved XML lost its <hvc:policy>"
-    element = applied_element(meta, plan.target, host)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    done = Applied(host=host.host, kernel=host.kernel, at=stamp, registers=dict(plan.target))
+    element = render_policy(with_applied(meta, done))
     xml = POLICY_ELEMENT.sub(lambda _: element, xml, count=1)
     restore_xml = f"/tmp/{name}-restore.xml"
     with open(restore_xml, "w") as f:
