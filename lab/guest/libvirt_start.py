@@ -25,6 +25,7 @@ live XML's ``<hvc:policy>`` element, and the hook's audit lines.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -36,7 +37,8 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from enforce import fw_json, parse_probe
+import libvirt
+from enforce import cli, fw_json, parse_probe
 from migrate import qemus
 
 from hvcpolicy import domainxml, imagefile, planner
@@ -106,7 +108,7 @@ def timed(steps: dict[str, float], name: str, fn: Any, *args: Any, **kw: Any) ->
         steps[name] = round(time.monotonic() - t, 2)
 
 
-def setup(steps: dict[str, float]) -> None:
+def setup(steps: dict[str, float]) -> libvirt.virConnect:
     """The system pieces a distribution's units would provide, then the daemons and the hook."""
     for d in ("/dev/pts", "/dev/shm"):
         os.makedirs(d, exist_ok=True)
@@ -121,26 +123,39 @@ def setup(steps: dict[str, float]) -> None:
     os.makedirs(POLICY_DIR, exist_ok=True)
     shutil.copyfile(os.path.join(HERE, "policies", f"{POLICY}.yaml"), f"{POLICY_DIR}/{POLICY}.yaml")
     os.makedirs(os.path.dirname(SNAPSHOT), exist_ok=True)
-    timed(steps, "host_probe", sh, *HVCPOLICY, "host", "probe", "-o", SNAPSHOT)
+    timed(steps, "host_probe", hvcpolicy, "host", "probe", "-o", SNAPSHOT)
     timed(steps, "virtlogd", sh, "/usr/sbin/virtlogd", "-d")
     timed(steps, "libvirtd", sh, "/usr/sbin/libvirtd", "-d")
-    timed(steps, "libvirtd_first_answer", wait_libvirtd)
+    conn: libvirt.virConnect = timed(steps, "libvirtd_first_answer", wait_libvirtd)
     timed(
         steps,
         "install_hook",
-        sh,
-        *HVCPOLICY,
+        hvcpolicy,
         "install-hook",
         *("--policy-dir", POLICY_DIR, "--host-snapshot", SNAPSHOT, "--audit-file", AUDIT),
     )
+    return conn
 
 
-def wait_libvirtd() -> None:
+def hvcpolicy(*argv: str) -> str:
+    """An hvcpolicy command, in this process (enforce.cli); its stdout, or RuntimeError."""
+    rc, out, err = cli(*argv)
+    if rc:
+        raise RuntimeError(f"hvcpolicy {' '.join(argv)}: exit {rc}: {err.strip()}")
+    return out
+
+
+def wait_libvirtd() -> libvirt.virConnect:
+    """libvirtd's first answer: it comes once the qemu driver probed the QEMU binaries."""
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no retry noise on stderr
     deadline = time.monotonic() + 90
-    while virsh("version", check=False).returncode:
-        if time.monotonic() > deadline:
-            raise RuntimeError("libvirtd did not answer in 90 s")
-        time.sleep(0.5)
+    while True:
+        try:
+            return libvirt.open(URI)
+        except libvirt.libvirtError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("libvirtd did not answer in 90 s") from None
+            time.sleep(0.2)
 
 
 def emulator(version: str, q: dict[str, Any]) -> str:
@@ -160,25 +175,22 @@ def emulator(version: str, q: dict[str, Any]) -> str:
     return path
 
 
-def define(name: str, exe: str, steps: dict[str, float]) -> None:
+def define(conn: libvirt.virConnect, name: str, exe: str, steps: dict[str, float]) -> None:
     xml = DOMAIN.format(
         name=name,
         kernel=os.path.join(IMAGES, "probe.bin"),
         emulator=exe,
         serial=SERIAL.format(name=name),
     )
-    path = f"/tmp/{name}.xml"
-    with open(path, "w") as f:
-        f.write(xml)
-    timed(steps, "define", virsh, "define", path)
-    timed(steps, "attach", sh, *HVCPOLICY, "attach", name, "--policy", POLICY)
+    timed(steps, "define", conn.defineXML, xml)
+    timed(steps, "attach", hvcpolicy, "attach", name, "--policy", POLICY)
 
 
 def state(name: str) -> str:
     return virsh("domstate", name, "--reason", check=False).stdout.strip()
 
 
-def wait_probe(name: str, timeout: float = 120.0) -> str:
+def wait_probe(conn: libvirt.virConnect, name: str, timeout: float = 120.0) -> str:
     """Until the probe printed its last line (or the domain went away)."""
     serial = SERIAL.format(name=name)
     deadline = time.monotonic() + timeout
@@ -188,15 +200,16 @@ def wait_probe(name: str, timeout: float = 120.0) -> str:
                 text = f.read()
             if "hvcprobe done" in text or "hvcprobe error" in text:
                 return state(name)
-        st = state(name)
-        if not st.startswith(("running", "paused")):
-            return st
-        time.sleep(0.3)
+        if not conn.lookupByName(name).isActive():
+            return state(name)
+        time.sleep(0.1)
     return f"timeout: {state(name)}"
 
 
 def start_hvcpolicy(name: str, steps: dict[str, float], rec: dict[str, Any]) -> None:
-    proc = timed(steps, "hvcpolicy_start", sh, *HVCPOLICY, "start", name, check=False)
+    """``hvcpolicy start DOMAIN`` as an operator runs it (its own process)."""
+    cmd = (*HVCPOLICY, "start", name, "--host-snapshot", SNAPSHOT)
+    proc = timed(steps, "hvcpolicy_start", sh, *cmd, check=False)
     rec["start"] = {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
     if proc.returncode:
         raise RuntimeError(f"hvcpolicy start {name}: exit {proc.returncode}: {proc.stderr}")
@@ -240,13 +253,13 @@ def start_virsh(name: str, version: str, steps: dict[str, float], rec: dict[str,
     timed(steps, "resume", virsh, "resume", name)
 
 
-def run_domain(version: str, q: dict[str, Any]) -> dict[str, Any]:
+def run_domain(conn: libvirt.virConnect, version: str, q: dict[str, Any]) -> dict[str, Any]:
     name = "probe-" + version.replace(".", "-")
     steps: dict[str, float] = {}
     rec: dict[str, Any] = {"domain": name, "mode": START, "steps": steps}
     serial = SERIAL.format(name=name)
     try:
-        define(name, emulator(version, q), steps)
+        define(conn, name, emulator(version, q), steps)
         if os.path.exists(serial):
             os.unlink(serial)
         t = time.monotonic()
@@ -254,16 +267,15 @@ def run_domain(version: str, q: dict[str, Any]) -> dict[str, Any]:
             start_hvcpolicy(name, steps, rec)
         else:
             start_virsh(name, version, steps, rec)
-        rec["final_state"] = timed(steps, "probe_run", wait_probe, name)
+        rec["final_state"] = timed(steps, "probe_run", wait_probe, conn, name)
         steps["whole_start"] = round(time.monotonic() - t, 2)
-        live = virsh("dumpxml", name, check=False)
-        rec["live_xml_rc"] = live.returncode
-        m = POLICY_ELEMENT.search(live.stdout)
+        m = POLICY_ELEMENT.search(conn.lookupByName(name).XMLDesc(0))
         rec["live_policy"] = m.group(0) if m else None
-    except (RuntimeError, OSError, AssertionError) as e:
+    except (RuntimeError, OSError, AssertionError, libvirt.libvirtError) as e:
         rec["error"] = str(e)
     finally:
-        virsh("destroy", name, check=False)
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByName(name).destroy()
     if os.path.exists(serial):
         with open(serial, errors="replace") as f:
             text = f.read()
@@ -278,17 +290,17 @@ def main() -> int:
     result: dict[str, Any] = {"kernel": platform.release(), "mode": START, "setup": steps}
     ok = True
     try:
-        setup(steps)
+        conn = setup(steps)
         with open(SNAPSHOT) as f:
             result["snapshot"] = json.load(f)
-        result["libvirt"] = virsh("version").stdout
+        result["libvirt"] = conn.getLibVersion()
         result["domains"] = {}
         for version, q in qemus().items():
-            rec = run_domain(version, q)
+            rec = run_domain(conn, version, q)
             result["domains"][version] = rec
             print(json.dumps({k: rec.get(k) for k in ("domain", "final_state", "error")}))
             ok = ok and "error" not in rec
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, libvirt.libvirtError) as e:
         result["error"] = str(e)
         ok = False
     if os.path.exists(AUDIT):
