@@ -7,8 +7,9 @@ Every figure is printed next to a baseline measured in the same run, interleaved
 median and a ratio, with its target and PASS or FAIL. The parts:
 
 - ``bench/hookbench.py``: the hook as libvirtd runs it, for an ignored stage and domain (against
-  ``sh -c 'cat >/dev/null'``), ``prepare``/``migrate``/``restore`` and ``started`` over QMP with
-  1, 8 and 64 vCPUs (against ``python3 -I -S -c pass``), and its peak RSS;
+  ``sh -c 'cat >/dev/null'``), ``prepare``/``migrate``/``restore`` (against
+  ``python3 -I -S -c pass``), the QMP stages ``started`` with 1, 8 and 64 vCPUs and ``reconnect``
+  (against ``python3 -I -S -c 'import qemu.qmp'``), and its peak RSS;
 - ``bench/fleetbench.py``: ``baseline`` and ``matrix`` over 10,000 generated host snapshots;
 - ``bench/libvirt_start.py``: ``hvcpolicy start`` against ``virsh start`` on a real libvirtd.
 

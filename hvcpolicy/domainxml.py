@@ -19,7 +19,11 @@ from hvcpolicy.record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from xml.etree.ElementTree import Element
+
     from hvcpolicy.policy import FeatureKey
+    from hvcpolicy.snapshot import Snapshot
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 _OUR_NS_PREFIX = "https://hvcpolicy.dev/"
@@ -28,16 +32,29 @@ MAX_DEPTH = 64
 MAX_ATTR = 4096
 
 
+# <hvc:applied backend=...>: which enforcement backend wrote the registers (SPEC section 8)
+APPLIED_BACKENDS = ("qmp", "stream")
+
+
 class Applied(Record):
-    """``<hvc:applied>``: every firmware register of the guest as hvcpolicy left it."""
+    """``<hvc:applied>``: every firmware register of the guest as hvcpolicy left it, and which
+    backend enforced it (None: a record written before the attribute existed)."""
 
-    __slots__ = ("at", "host", "kernel", "registers")
+    __slots__ = ("at", "backend", "host", "kernel", "registers")
 
-    def __init__(self, host: str, kernel: str, at: str, registers: dict[int, int]) -> None:
+    def __init__(
+        self,
+        host: str,
+        kernel: str,
+        at: str,
+        registers: dict[int, int],
+        backend: str | None = None,
+    ) -> None:
         self.host = host
         self.kernel = kernel
         self.at = at
         self.registers = registers
+        self.backend = backend
 
 
 class DomainPolicy(Record):
@@ -343,11 +360,19 @@ def _build_applied(attrs: dict[str, str], regs: list[dict[str, str]], where: str
     registers = cat.parse_register_map(
         pairs, where, "<hvc:register id>", lambda rid: f"<hvc:register id={rid!r}>"
     )
+    backend = attrs.get("backend")
+    if backend is not None and backend not in APPLIED_BACKENDS:
+        raise InvalidInput(
+            f"<hvc:applied backend>: {bounded(backend, 40)!r} is not "
+            + " or ".join(APPLIED_BACKENDS),
+            where,
+        )
     return Applied(
         host=attrs.get("host", ""),
         kernel=attrs.get("kernel", ""),
         at=attrs.get("at", ""),
         registers=registers,
+        backend=backend,
     )
 
 
@@ -380,9 +405,10 @@ def render_policy(meta: DomainPolicy) -> str:
         out.append('  <hvc:resume after="apply"/>')
     if meta.applied is not None:
         a = meta.applied
+        backend = "" if a.backend is None else f" backend={quoteattr(a.backend)}"
         out.append(
             f"  <hvc:applied host={quoteattr(a.host)} kernel={quoteattr(a.kernel)} "
-            f"at={quoteattr(a.at)}>"
+            f"at={quoteattr(a.at)}{backend}>"
         )
         for rid, value in sorted(a.registers.items()):
             out.append(f'    <hvc:register id="{cat.fmt_id(rid)}" value="{cat.fmt_value(value)}"/>')
@@ -393,3 +419,98 @@ def render_policy(meta: DomainPolicy) -> str:
 
 def with_applied(meta: DomainPolicy, applied: Applied) -> DomainPolicy:
     return meta.replace(applied=applied)
+
+
+def applied_element(
+    meta: DomainPolicy,
+    registers: Mapping[int, int],
+    snap: Snapshot | None,
+    backend: str | None = None,
+) -> str:
+    """The domain's ``<hvc:policy>`` with ``<hvc:applied>``: what this host (its snapshot's
+    name and kernel, else uname's) left in the guest, when, and through which backend. For the
+    hook's recorder, ``hvcpolicy start`` and the stream backend's restore alike."""
+    import os
+    import time
+
+    u = os.uname()
+    applied = Applied(
+        host=snap.host if snap is not None else u.nodename,
+        kernel=snap.kernel if snap is not None else u.release,
+        at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        registers=dict(registers),
+        backend=backend,
+    )
+    return render_policy(with_applied(meta, applied))
+
+
+def _tree(xml: str) -> Element:
+    """A libvirt-written domain XML as an ElementTree root, its namespace prefixes kept (libvirt
+    reads ``<qemu:commandline>`` and metadata by URI, but a reader of the result should find the
+    prefixes it wrote)."""
+    import io
+    import xml.etree.ElementTree as ET
+
+    for _event, (prefix, uri) in ET.iterparse(io.StringIO(xml), events=("start-ns",)):
+        if prefix and not prefix.startswith("ns"):  # ns<digits> is ElementTree's own
+            ET.register_namespace(prefix, uri)
+    ET.register_namespace("hvc", XMLNS)
+    return ET.fromstring(xml)
+
+
+def set_policy_element(xml: str, element: str) -> str:
+    """The domain XML with ``element`` as its only ``<hvc:policy>`` in ``<metadata>``."""
+    import xml.etree.ElementTree as ET
+
+    root = _tree(xml)
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = ET.Element("metadata")
+        # libvirt orders it itself on define; after <uuid>/<description> reads best
+        root.insert(min(3, len(root)), metadata)
+    for old in metadata.findall(f"{{{XMLNS}}}policy"):
+        metadata.remove(old)
+    metadata.append(ET.fromstring(element))
+    return ET.tostring(root, encoding="unicode")
+
+
+def disk_targets(xml: str) -> list[str]:
+    """The target names of every disk of a libvirt-written domain XML."""
+    out: list[str] = []
+    for disk in _tree(xml).iterfind("devices/disk"):
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev:
+            out.append(dev)
+    return out
+
+
+def unprefixed(element: str) -> str:
+    """``<hvc:policy xmlns:hvc=...>`` as libvirt's metadata API wants it: without the prefix
+    and declaration (libvirt adds both from the key and URI it is given)."""
+    import re
+
+    element = element.replace(f' xmlns:hvc="{XMLNS}"', "", 1)
+    return re.sub(r"<(/?)hvc:", r"<\1", element)
+
+
+def unsaveable(xml: str) -> str | None:
+    """Why libvirt cannot save this guest (so the stream backend cannot reach it), from its
+    live XML; None when nothing known stands in the way (the save itself has the last word)."""
+    root = _tree(xml)
+    if root.find("devices/hostdev") is not None:
+        return "it has a host device (VFIO) assigned, which cannot migrate"
+    for fs in root.iterfind("devices/filesystem"):
+        driver = fs.find("driver")
+        if driver is not None and driver.get("type") == "virtiofs":
+            return "it shares a directory through virtiofs, which cannot migrate"
+    for iface in root.iterfind("devices/interface"):
+        if iface.get("type") == "vhostuser":
+            return "it has a vhost-user interface, whose backend may not migrate"
+    for arg in root.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg"):
+        if "mte=on" in (arg.get("value") or ""):
+            return "it has MTE enabled, which disables migration"
+    for feature in root.iterfind("features/*"):
+        if feature.tag == "mte" or (feature.tag == "arm" and feature.find("mte") is not None):
+            return "it has MTE enabled, which disables migration"
+    return None

@@ -22,6 +22,10 @@ Registers = dict[int, int]
 QMP_BACKEND = "qmp"
 STREAM_BACKEND = "stream"
 
+# The vCPU property of the QMP backend (SPEC §8): what hvcpolicy.qmp asks for and
+# ``hvcpolicy simulate`` serves.
+QMP_PROPERTY = "kvm-firmware-registers"
+
 # Where a write is allowed: the guest's vCPUs have never run (SPEC §8).
 WRITABLE_RUNSTATES = frozenset({"prelaunch", "inmigrate"})
 

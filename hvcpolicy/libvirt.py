@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from hvcpolicy import XMLNS
+from hvcpolicy.domainxml import unprefixed
 from hvcpolicy.errors import InvalidInput, Unavailable
-from hvcpolicy.hook import unprefixed
 
 METADATA_KEY = "hvc"
 
@@ -128,3 +128,96 @@ def state(dom: Any) -> str:
 
 def is_active(dom: Any) -> bool:
     return bool(call("isActive", dom.isActive))
+
+
+def domain_id(dom: Any) -> int:
+    """libvirt's id of the running domain (a new one on every start and restore); -1 when off."""
+    return int(call("domain id", dom.ID))
+
+
+def lookup_uuid(conn: Any, uuid: str) -> Any:
+    """The domain of ``uuid`` (a restore gives no handle: look it up again)."""
+    return call("lookup", conn.lookupByUUIDString, uuid)
+
+
+# --- the stream backend (hvcpolicy/savecycle.py) ----------------------------------------------
+
+
+def qemu_version(conn: Any, live_xml: str) -> int:
+    """The guest's QEMU version, libvirt-encoded (7002000 is 7.2.0), at least: the higher of
+    libvirt's hypervisor version (its default emulator's; it fails on a host with no emulator
+    for its own architecture, as on a test host) and the version in the running domain's
+    machine type (``virt`` expands to ``virt-7.2``: the version of the emulator the domain
+    really runs, say a wrapper of another QEMU); 0 when neither says."""
+    import re
+
+    lib = _lib()
+    try:
+        version = int(conn.getVersion())
+    except lib.libvirtError:
+        version = 0
+    m = re.search(r"machine=['\"][a-z0-9]*-(\d+)\.(\d+)['\"]", live_xml)
+    if m:
+        version = max(version, int(m.group(1)) * 1_000_000 + int(m.group(2)) * 1_000)
+    return version
+
+
+def sparse_saves(conn: Any, live_xml: str) -> bool:
+    """Whether this host must save sparse images: QEMU >= 11 no longer restores a raw image that
+    libvirt hands it as a file (reference/qemu-migration-stream.md), and a libvirt that knows
+    the save parameter ``image_format`` (tried with 11.3) can ask for the sparse (mapped-ram)
+    format instead. Elsewhere the format is qemu.conf's ``save_image_format`` (raw by default)."""
+    lib_version = int(call("version", conn.getLibVersion))
+    return qemu_version(conn, live_xml) >= 11_000_000 and lib_version >= 11_003_000
+
+
+def save_paused(dom: Any, path: str, sparse: bool) -> None:
+    """Save the domain to ``path`` (QEMU stops; libvirt writes the image as root) so that a
+    restore leaves it paused. ``sparse``: QEMU's mapped-ram format (see :func:`sparse_saves`);
+    else qemu.conf's ``save_image_format`` (raw unless the host configured compression)."""
+    lib = _lib()
+    if sparse:
+        params = {
+            lib.VIR_DOMAIN_SAVE_PARAM_FILE: path,
+            getattr(lib, "VIR_DOMAIN_SAVE_PARAM_IMAGE_FORMAT", "image_format"): "sparse",
+        }
+        call("save", dom.saveParams, params, lib.VIR_DOMAIN_SAVE_PAUSED)
+    else:
+        call("save", dom.saveFlags, path, None, lib.VIR_DOMAIN_SAVE_PAUSED)
+
+
+def save_image_xml(conn: Any, path: str) -> str:
+    """The domain XML inside a save image, with its secure parts (what a restore needs)."""
+    lib = _lib()
+    return str(
+        call(
+            "save-image-dumpxml",
+            conn.saveImageGetXMLDesc,
+            path,
+            lib.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE,
+        )
+    )
+
+
+def restore_paused(conn: Any, path: str, xml: str) -> None:
+    """Restore the image at ``path`` with the domain XML ``xml`` (ABI-checked by libvirt),
+    leaving the vCPUs paused. A never-run guest's image restores into QEMU's ``prelaunch``."""
+    lib = _lib()
+    call("restore", conn.restoreFlags, path, xml, lib.VIR_DOMAIN_SAVE_PAUSED)
+
+
+def memory_snapshot(dom: Any, path: str, disks: list[str]) -> None:
+    """Write the running QEMU's migration stream to ``path`` as an external memory-only
+    snapshot, without stopping QEMU and without snapshot metadata: a paused guest stays paused
+    (QEMU's runstate becomes ``postmigrate``, which ``resume`` leaves). ``disks``: the target
+    names of every disk, each marked ``snapshot='no'`` (no overlay is made)."""
+    from hvcpolicy.domainxml import quoteattr
+
+    lib = _lib()
+    disk_xml = "".join(f"<disk name={quoteattr(d)} snapshot='no'/>" for d in disks)
+    xml = (
+        "<domainsnapshot><name>hvcpolicy-readback</name>"
+        f"<memory snapshot='external' file={quoteattr(path)}/>"
+        f"<disks>{disk_xml}</disks></domainsnapshot>"
+    )
+    call("memory snapshot", dom.snapshotCreateXML, xml, lib.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)

@@ -1,6 +1,8 @@
-"""What ``hvcpolicy status`` needs from libvirt beyond ``hvcpolicy.libvirt``: every domain, and
-each running domain's firmware registers read through libvirt's QMP pass-through
-(``libvirt_qemu.qemuMonitorCommand``; libvirt marks the domain tainted ``custom-monitor``).
+"""What ``hvcpolicy status`` needs beyond ``hvcpolicy.libvirt``: every domain, and each running
+domain's firmware registers, read with hvcpolicy's one QMP client (:mod:`hvcpolicy.qmp`) over the
+domain's own QMP socket (``<hvc:qmp>``, or the ``-qmp`` of its ``<qemu:commandline>``) and held
+to the one compliance rule (:func:`hvcpolicy.enforce.inspect`). A running domain without such a
+socket has no interface hvcpolicy can read (``no-interface``).
 
 Allowed in a command run by an operator, never in the hook (it would deadlock on the domain
 lock). Same conventions as ``hvcpolicy.libvirt``: libvirt's own printing silenced, its errors
@@ -9,18 +11,13 @@ mapped to :class:`~hvcpolicy.errors.Unavailable`.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from hvcpolicy import catalogue as cat
 from hvcpolicy import libvirt as lv
 from hvcpolicy.domainxml import Applied
-from hvcpolicy.errors import HvcError, InterfaceMissing, InvalidInput, QMPError, Unavailable
-from hvcpolicy.policy import Policy
-
-PROP = "kvm-firmware-registers"
+from hvcpolicy.errors import HvcError, InterfaceMissing, InvalidInput, Unavailable
 
 # What the Live column says.
 MATCH = "match"
@@ -30,6 +27,7 @@ UNMANAGED = "unmanaged"
 NO_INTERFACE = "no-interface"
 UNREACHABLE = "unreachable"
 INVALID = "invalid"
+VIA = "hvc:qmp"  # how the registers were read: the domain's own QMP socket
 
 
 def list_domains(conn: Any) -> list[Any]:
@@ -44,98 +42,6 @@ def list_domains(conn: Any) -> list[Any]:
     return sorted(doms, key=order)
 
 
-def monitor(dom: Any, name: str, arguments: Mapping[str, Any] | None = None) -> Any:
-    """One QMP command through libvirt's own monitor connection; its ``return``."""
-    lib = lv._lib()
-    try:
-        import libvirt_qemu
-    except ImportError:
-        raise Unavailable("libvirt-python lacks libvirt_qemu (QMP pass-through)") from None
-    msg: dict[str, Any] = {"execute": name}
-    if arguments is not None:
-        msg["arguments"] = dict(arguments)
-    try:
-        text = libvirt_qemu.qemuMonitorCommand(dom, json.dumps(msg), 0)
-    except lib.libvirtError as err:
-        raise Unavailable(f"libvirt qemu-monitor-command {name}: {lv._message(err)}") from None
-    try:
-        reply = json.loads(text)
-    except ValueError:
-        raise Unavailable(f"libvirt qemu-monitor-command {name}: not JSON") from None
-    if not isinstance(reply, dict):
-        raise Unavailable(f"libvirt qemu-monitor-command {name}: not a JSON object")
-    if "error" in reply:
-        error = reply["error"] if isinstance(reply["error"], dict) else {}
-        raise QMPError(
-            f"QMP {name}: {error.get('class', '?')}: {error.get('desc', '')}",
-            sent=msg,
-            received=reply,
-            error_class=str(error.get("class", "")),
-        )
-    return reply.get("return")
-
-
-def _registers(doc: object, path: str) -> dict[int, int]:
-    if not isinstance(doc, dict):
-        raise Unavailable(f"QMP qom-get {path} {PROP}: not an object")
-    try:
-        return {int(k, 0): int(v) for k, v in doc.items()}
-    except (TypeError, ValueError):
-        raise Unavailable(f"QMP qom-get {path} {PROP}: ids and values malformed") from None
-
-
-def read_registers(dom: Any) -> dict[int, int]:
-    """The VM's firmware registers over libvirt's pass-through, checked equal on every vCPU."""
-    cpus = monitor(dom, "query-cpus-fast")
-    paths = [str(c["qom-path"]) for c in cpus or [] if isinstance(c, dict) and "qom-path" in c]
-    if not paths:
-        raise Unavailable("QMP query-cpus-fast: no vCPUs")
-    props = monitor(dom, "qom-list", {"path": paths[0]})
-    if not any(isinstance(p, dict) and p.get("name") == PROP for p in props or []):
-        raise InterfaceMissing(f"QEMU has no {PROP} property on its vCPUs")
-    first = _registers(monitor(dom, "qom-get", {"path": paths[0], "property": PROP}), paths[0])
-    for path in paths[1:]:
-        other = _registers(monitor(dom, "qom-get", {"path": path, "property": PROP}), path)
-        if other != first:
-            raise Unavailable(f"vCPU {path} reads other firmware registers than {paths[0]}")
-    return first
-
-
-def read_registers_qmp(socket: str, timeout: float) -> dict[int, int]:
-    """The same over the domain's own ``<hvc:qmp>`` socket (every wait bounded)."""
-    from hvcpolicy.hook import HookQMP
-
-    with HookQMP(socket, timeout) as qmp:
-        return dict(qmp.read_every_vcpu())
-
-
-def differences(
-    live: Mapping[int, int], applied: Mapping[int, int] | None, policy: Policy | None
-) -> list[str]:
-    """Why the live registers do not match the record (or, without one, the policy)."""
-    from hvcpolicy.planner import plan_start, verify
-
-    if applied is not None:
-        out = verify(applied, live)
-        for rid in sorted(live.keys() - applied.keys()):
-            if cat.is_bitmap(rid) and live[rid] != 0:
-                out.append(
-                    f"{cat.reg_name(rid)}: reads {cat.fmt_value(live[rid])}, not in "
-                    "<hvc:applied> (services the guest was never given)"
-                )
-        return out
-    if policy is None:
-        return []
-    plan = plan_start(policy, live)
-    out = [
-        f"{cat.reg_name(rid)}: reads {cat.fmt_value(live.get(rid, 0))}, policy "
-        f"{policy.name!r} wants {cat.fmt_value(value)}"
-        for rid, value in plan.writes.items()
-    ]
-    out.extend(f"policy {policy.name!r} refuses: {r}" for r in plan.refusals)
-    return out
-
-
 @dataclass
 class Row:
     name: str
@@ -146,7 +52,7 @@ class Row:
     policy_source: str = "none"  # domain | default | none
     applied: Applied | None = None
     live: str = NOT_RUNNING
-    via: str | None = None  # libvirt | hvc:qmp
+    via: str | None = None  # VIA once read
     detail: str = ""
     differences: list[str] = field(default_factory=list)
     registers: dict[int, int] | None = None
@@ -219,23 +125,27 @@ def domain_row(dom: Any, policy_dir: str | None, timeout: float) -> Row:
     if subject.policy is None and row.applied is None:
         row.live = UNMANAGED
         return row
+    sock = domain.qmp_socket
+    if not sock:
+        row.live = NO_INTERFACE
+        row.detail = f"{where} has no QMP socket for hvcpolicy (<hvc:qmp>): nothing reads it"
+        return row
+    from hvcpolicy.enforce import inspect
+    from hvcpolicy.qmp import QMP
+
     try:
-        try:
-            row.registers, row.via = read_registers(dom), "libvirt"
-        except InterfaceMissing as missing:
-            sock = domain.meta.qmp_socket if domain.meta is not None else None
-            if sock is None:
-                raise missing
-            row.registers, row.via = read_registers_qmp(sock, timeout), "hvc:qmp"
+        with QMP(sock, timeout) as qmp:
+            result = inspect(
+                qmp, subject.policy, applied=row.applied.registers if row.applied else None
+            )
     except InterfaceMissing as err:
         row.live, row.detail = NO_INTERFACE, err.message
         return row
     except HvcError as err:
         row.live, row.detail = UNREACHABLE, err.message
         return row
-    row.differences = differences(
-        row.registers, row.applied.registers if row.applied else None, subject.policy
-    )
+    row.registers, row.via = result.applied_registers(), VIA
+    row.differences = result.mismatches
     if row.differences:
         row.live, row.detail = DRIFT, row.differences[0]
     else:

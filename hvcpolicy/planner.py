@@ -391,16 +391,47 @@ def predict_load(applied: Mapping[int, int], dest: Snapshot) -> Verdict:
     return verdict
 
 
+def unwritable_arrival(verdict: Verdict, dest: Snapshot) -> None:
+    """A stock QEMU offers no write on arrival (SPEC §7, §8): a register the destination has
+    and the guest's stream lacks keeps the destination's reset value. For a bitmap that value
+    must be 0 (no service may appear mid-life), else the arrival is refused; ``verdict`` (from
+    :func:`predict_load`) gets the reasons, and its notes stop promising a clear."""
+    for rid in verdict.clears:
+        reset = dest.registers[rid]
+        promise = f"{cat.reg_name(rid)} is new on the destination: hvcpolicy clears it"
+        verdict.notes = [n for n in verdict.notes if not n.startswith(promise)]
+        if reset:
+            names = ", ".join(cat.bit_key(rid, b) for b in cat.bits(reset))
+            verdict.reasons.append(
+                f"{cat.reg_name(rid)} is new on the destination, whose kernel resets it to "
+                f"{cat.fmt_value(reset)} ({names}); the guest's stream does not carry it and a "
+                "QEMU without the firmware-register interface cannot clear it on arrival, so "
+                "the guest would see services it never had"
+            )
+        else:
+            verdict.notes.append(
+                f"{cat.reg_name(rid)} is new on the destination and resets to 0: the guest "
+                "sees no new service"
+            )
+    verdict.clears = []
+
+
 def check_migration(
     policy: Policy | None,
     dest: Snapshot,
     applied: Mapping[int, int] | None = None,
     source: Snapshot | None = None,
+    writable_on_arrival: bool = True,
 ) -> Verdict:
     """Would ``dest`` take the guest? From recorded values when there are some, else from the
-    policy's plan on ``source``, and always (without a record) from the policy on ``dest``."""
+    policy's plan on ``source``, and always (without a record) from the policy on ``dest``.
+    ``writable_on_arrival``: the destination's QEMU offers the QMP interface (SPEC §8), so
+    registers new there are cleared on arrival; else (a stock QEMU) they must reset to 0."""
     if applied is not None:
-        return predict_load(applied, dest)
+        verdict = predict_load(applied, dest)
+        if not writable_on_arrival:
+            unwritable_arrival(verdict, dest)
+        return verdict
     if source is not None:
         if policy is None:
             verdict = predict_load(source.registers, dest)

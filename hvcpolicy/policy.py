@@ -12,9 +12,10 @@ import os
 
 from hvcpolicy import catalogue as cat
 from hvcpolicy.errors import InvalidInput, bounded
+from hvcpolicy.files import read_bounded
 from hvcpolicy.lean import match_name
 from hvcpolicy.record import Record
-from hvcpolicy.snapshot import decode_json, read_bounded
+from hvcpolicy.snapshot import decode_json
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

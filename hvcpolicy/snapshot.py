@@ -6,10 +6,9 @@ hand-written checks here and schemas/snapshot.schema.json agree (tests hold them
 
 from __future__ import annotations
 
-import os
-
 from hvcpolicy import catalogue as cat
 from hvcpolicy.errors import InvalidInput, bounded
+from hvcpolicy.files import read_bounded
 from hvcpolicy.lean import json_loads, match_qemu_version, match_taken
 from hvcpolicy.record import Record
 
@@ -138,20 +137,6 @@ def decode_json(data: bytes, where: str) -> object:
         raise InvalidInput(f"not valid JSON: {bounded(str(err), 120)}", where) from None
 
 
-MAX_FILE = 1 << 20
-
-
-def read_bounded(path: str) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_FILE + 1)
-    except OSError as err:
-        raise InvalidInput(f"cannot read: {err.strerror}", path) from None
-    if len(data) > MAX_FILE:
-        raise InvalidInput(f"larger than {MAX_FILE} bytes", path)
-    return data
-
-
 def load_snapshot(path: str) -> Snapshot:
     return parse_snapshot(decode_json(read_bounded(path), path), path)
 
@@ -164,23 +149,9 @@ def dumps(snap: Snapshot) -> str:
 
 def save_snapshot(snap: Snapshot, path: str) -> None:
     """Write atomically: a reader sees the old file or the new one, never a torn one."""
-    import contextlib
-    import tempfile
+    from hvcpolicy.files import write_atomic
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".host.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(dumps(snap))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, dumps(snap), 0o644, ".host.")
 
 
 # --- baseline ------------------------------------------------------------------------------

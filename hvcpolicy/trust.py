@@ -1,4 +1,10 @@
-"""What hvcpolicy trusts on disk: policy files and the QMP socket (docs/SECURITY.md).
+"""What hvcpolicy trusts on disk (docs/SECURITY.md): every such decision is made here.
+
+- policy files (``check_policy_path``, ``check_tree``) and the QMP socket (``check_qmp_socket``);
+- the hook's config (``open_config``): owned by root or the daemon's user, writable by no one else;
+- hvcpolicy's own state (the validated policy cache, the start lock and its files):
+  ``private``, ``private_dir``, ``own_dir``, ``open_private``, ``read_private``: owned by this
+  user, writable by no one else, never reached through a symlink.
 
 The hook runs as root inside libvirtd. A policy decides which firmware services a guest sees,
 so as root a policy is only read from a file that root alone could have written: the file and
@@ -8,7 +14,8 @@ every symlink, inside the policy directory. The QMP socket the hook talks to mus
 (``lstat``: not a symlink to one) in a directory others cannot write, so a guest's user cannot
 plant a fake QEMU there.
 
-Stdlib only and cheap: one ``stat`` per path component, no file is opened.
+Stdlib only and cheap: one ``stat`` per path component; only the ``*_private`` helpers and
+``open_config`` open the file they judge (and judge the open file, not the name).
 """
 
 from __future__ import annotations
@@ -18,7 +25,17 @@ import stat
 
 from hvcpolicy.errors import InvalidInput, bounded
 
-__all__ = ["check_policy_path", "check_qmp_socket", "check_tree"]
+__all__ = [
+    "check_policy_path",
+    "check_qmp_socket",
+    "check_tree",
+    "open_config",
+    "open_private",
+    "own_dir",
+    "private",
+    "private_dir",
+    "read_private",
+]
 
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
@@ -148,3 +165,84 @@ def check_qmp_socket(path: str) -> None:
             "can write, e.g. /var/lib/libvirt/qemu/hvcpolicy",
             where,
         )
+
+
+# --- the hook's config -----------------------------------------------------------------------
+
+
+def open_config(path: str) -> int | None:
+    """An fd on the hook's config; None when there is none. A file others could have written
+    (owner not root nor this user, group- or world-writable) is refused: InvalidInput."""
+    from hvcpolicy.errors import Unavailable
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise Unavailable(f"{path}: cannot read: {err.strerror}") from None
+    st = os.fstat(fd)
+    if st.st_uid not in (0, os.getuid()) or st.st_mode & _WRITABLE_BY_OTHERS:
+        os.close(fd)
+        raise InvalidInput(
+            "not trusted: must be owned by root (or this daemon's user) and writable by "
+            "no one else",
+            path,
+        )
+    return fd
+
+
+# --- hvcpolicy's own state: the policy cache, the start lock ---------------------------------
+
+
+def private(st: os.stat_result) -> bool:
+    """Owned by this (effective) user and writable by no one else."""
+    return st.st_uid == os.geteuid() and not st.st_mode & _WRITABLE_BY_OTHERS
+
+
+def private_dir(path: str, follow: bool = False) -> bool:
+    """``path`` is a directory that is ``private`` (``follow``: through a symlink to it)."""
+    try:
+        st = os.stat(path) if follow else os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and private(st)
+
+
+def own_dir(path: str, mode: int) -> bool:
+    """``path`` made (``mode``) when missing; whether it is a ``private`` directory."""
+    try:
+        os.makedirs(path, mode, exist_ok=True)
+    except OSError:
+        return False
+    return private_dir(path)
+
+
+def open_private(path: str, flags: int, kind: int) -> int | None:
+    """An fd on ``path`` (never through a symlink) when it is a ``kind`` (``stat.S_IFREG``,
+    ``S_IFIFO``) that is ``private``; else None."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    if stat.S_IFMT(st.st_mode) != kind or not private(st):
+        os.close(fd)
+        return None
+    return fd
+
+
+def read_private(path: str, limit: int) -> bytes | None:
+    """At most ``limit`` bytes of a ``private`` regular file in a ``private`` directory (which
+    may be a symlink); None for anything else, or a file that cannot be read."""
+    fd = open_private(path, os.O_RDONLY, stat.S_IFREG)
+    if fd is None:
+        return None
+    try:
+        if not private_dir(os.path.dirname(path), follow=True):
+            return None
+        return os.read(fd, limit)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

@@ -80,11 +80,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
         sys.stdout.write(f"{subject.why_unmanaged}: hvcpolicy leaves this domain alone\n")
         return EXIT_OK
 
-    from hvcpolicy.enforce import enforce
+    from hvcpolicy.enforce import enforce_at
     from hvcpolicy.errors import QMPError
 
     try:
-        result = enforce(
+        result = enforce_at(
             address,
             subject.policy,
             timeout=args.timeout,
@@ -109,9 +109,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def result_lines(result: ApplyResult) -> list[str]:
     from hvcpolicy.enforce import DRY_RUN, UNSUPPORTED_WARNED
 
-    n = len(result.vcpus)
+    n = result.vcpus
     head = (
-        f"policy {result.policy} on QEMU at {result.address}: runstate {result.runstate}, "
+        f"policy {result.policy} on {result.where}: runstate {result.runstate}, "
         f"{n} vCPU{'s' if n != 1 else ''}"
     )
     lines = [head]

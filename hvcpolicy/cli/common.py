@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 from hvcpolicy.domainxml import Domain, parse_domain
 from hvcpolicy.errors import InvalidInput, UsageError
+from hvcpolicy.files import MAX_FILE, read_bounded
 from hvcpolicy.merge import merge
 from hvcpolicy.policy import DEFAULT_NAME, Policy, load_policy, policy_dir, policy_path
 from hvcpolicy.record import Record
-from hvcpolicy.snapshot import MAX_FILE, read_bounded
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -60,9 +60,9 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         parents=[parent],
         help="every domain with its policy, record and live registers",
         description="List every libvirt domain with the policy it runs under, its <hvc:applied> "
-        "record, and whether its live firmware registers (read over libvirt's QMP pass-through, "
-        "or the domain's <hvc:qmp> socket when QEMU itself lacks the interface) still match that "
-        "record (without a record: what the policy plans). Like `virsh list --all`; --format json "
+        "record, and whether its live firmware registers (read over the domain's own QMP socket, "
+        "<hvc:qmp>: every vCPU) still match that record (without a record: what the policy "
+        "plans), by the rule the hook's reconnect uses. Like `virsh list --all`; --format json "
         "for monitoring. Exit 0 when every checked domain matches (or QEMU lacks the interface), "
         "3 when one drifted (DRIFT), else 4 when one's metadata or policy is invalid, else 5 "
         "when libvirt or a domain's QMP is unreachable.",

@@ -6,8 +6,7 @@ import argparse
 import os
 import sys
 
-from hvcpolicy import XMLNS
-from hvcpolicy.errors import EXIT_OK, InvalidInput, Unavailable, UsageError
+from hvcpolicy.errors import EXIT_OK, InvalidInput, UsageError
 
 TYPE_CHECKING = False  # `start` is on a path libvirt users wait on: what it does not use, it
 if TYPE_CHECKING:  # does not import (contextlib, re, signal, typing are imported where used)
@@ -16,11 +15,7 @@ if TYPE_CHECKING:  # does not import (contextlib, re, signal, typing are importe
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 DEFAULT_HOOKS_DIR = "/etc/libvirt/hooks"
 SYSTEM_QMP_DIR = "/var/lib/libvirt/qemu/hvcpolicy"
-HOOK_NAME = "hvcpolicy"
 LIBVIRTD_PIDFILE = "/run/libvirtd.pid"
-# Where the hook script's template is found: next to the package (a checkout), or where the
-# Debian and RPM packages put it.
-HOOK_TEMPLATES = ("{pkgparent}/hooks/qemu", "/usr/share/hvcpolicy/hooks/qemu")
 
 
 def register(sub: Any, parent: argparse.ArgumentParser) -> None:
@@ -28,7 +23,7 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         "hook",
         help="what libvirt runs (stdin: domain XML)",
         description="The libvirt qemu hook: DOMAIN OP SUBOP EXTRA, the domain XML on stdin. "
-        "Installed hooks run hvcpolicy/hook.py directly; this is the same entry.",
+        "Installed hooks run hvcpolicy.hook.entry directly; this is the same entry.",
         epilog="example: hvcpolicy hook web1 prepare begin - < web1.xml",
     )
     p.add_argument("libvirt_args", nargs="*", metavar="ARG")
@@ -67,14 +62,22 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
         "start",
         parents=[parent],
         help="paused start, apply, record <hvc:applied>, resume",
-        description="Start DOMAIN paused, enforce its policy over QMP before any vCPU runs, "
-        "record <hvc:applied> in the live XML, then resume. On failure the domain is destroyed "
-        "(it never ran).",
+        description="Start DOMAIN paused, enforce its policy before any vCPU runs (over QEMU's "
+        "kvm-firmware-registers QMP property, or on a stock QEMU through a save, a patch of "
+        "every vCPU's registers in the image and a paused restore), record <hvc:applied> in the "
+        "live XML, then resume. On failure the guest is not resumed: it never ran, so it is "
+        "shut off, any save image is kept, and the message says how to recover.",
         epilog="example: hvcpolicy start web1",
     )
     p.add_argument("domain", metavar="DOMAIN")
     p.add_argument("--timeout", type=float, default=5.0, help="bound on each QMP wait (s)")
     p.add_argument("--host-snapshot", metavar="FILE", help="this host's snapshot")
+    p.add_argument(
+        "--save-dir",
+        metavar="DIR",
+        help="where the stream backend saves the never-run guest (a 0700 directory; default "
+        "/var/lib/hvcpolicy/save, or ~/.local/state/hvcpolicy/save for a non-root user)",
+    )
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser(
@@ -103,9 +106,9 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
 
 
 def cmd_hook(args: argparse.Namespace) -> int:
-    from hvcpolicy import hook
+    from hvcpolicy.hook.entry import main
 
-    return hook.main(list(args.libvirt_args), sys.stdin.buffer)
+    return main(list(args.libvirt_args), sys.stdin.buffer)
 
 
 # --- attach -------------------------------------------------------------------------------------
@@ -158,17 +161,10 @@ def add_to_definition(xml: str, element: str, qmp_path: str | None) -> str:
     ``-qmp unix:QMP_PATH,server=on,wait=off`` in ``<qemu:commandline>``."""
     import xml.etree.ElementTree as ET
 
+    from hvcpolicy.domainxml import set_policy_element
+
     ET.register_namespace("qemu", QEMU_NS)
-    ET.register_namespace("hvc", XMLNS)
-    root = ET.fromstring(xml)
-    metadata = root.find("metadata")
-    if metadata is None:
-        metadata = ET.Element("metadata")
-        # libvirt orders it itself on define; after <uuid>/<description> reads best
-        root.insert(min(3, len(root)), metadata)
-    for old in metadata.findall(f"{{{XMLNS}}}policy"):
-        metadata.remove(old)
-    metadata.append(ET.fromstring(element))
+    root = ET.fromstring(set_policy_element(xml, element))
     if qmp_path is not None:
         cmdline = root.find(f"{{{QEMU_NS}}}commandline")
         if cmdline is None:
@@ -235,17 +231,19 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from hvcpolicy import hook, libvirt
+    from hvcpolicy import libvirt
     from hvcpolicy.cli.common import subject_from_domain
     from hvcpolicy.domainxml import parse_domain
+    from hvcpolicy.errors import HvcError, Refused
+    from hvcpolicy.hook.stages import check_host
+    from hvcpolicy.savecycle import default_dir, image_dir
     from hvcpolicy.snapshot import DEFAULT_PATH, load_snapshot
+    from hvcpolicy.start import start
 
     conf = _hook_config()
     conn = libvirt.connect(args.connect)
     try:
         dom = libvirt.lookup(conn, args.domain)
-        if libvirt.is_active(dom):
-            raise UsageError(f"domain {args.domain!r} is already running")
         where = f"domain {args.domain!r}"
         domain = parse_domain(libvirt.domain_xml(dom, inactive=True), where)
         subject = subject_from_domain(domain, where, args.policy_dir, load=_cached_loader(conf))
@@ -257,105 +255,56 @@ def cmd_start(args: argparse.Namespace) -> int:
             or (conf.host_snapshot if conf else DEFAULT_PATH)
         )
         snap = load_snapshot(snap_path) if os.path.exists(snap_path) else None
+        save_dir = image_dir(
+            args.save_dir or (conf.save_dir if conf is not None else None) or default_dir()
+        )
         lock = None
-        if snap is not None:
-            target = hook.check_host(subject.policy, snap, where)
-            if _same_inputs_as_hook(conf, args.policy_dir, snap_path):
-                from hvcpolicy.startlock import StartLock
+        if conf is not None:
+            from hvcpolicy.startlock import StartLock
 
-                assert conf is not None
-                lock = StartLock.acquire(conf.run_dir, args.domain)
-                if lock is not None:  # the hook's prepare will leave this check to us
-                    _audit(conf, domain, "prepare", "allowed", after=_regs(target))
-                    argv = [args.domain, "started", "begin", "-"]
-                    lock.serve(lambda stdin: hook.serve(argv, stdin, conf))
+            # held until the guest runs: the hook's prepare and started step aside for this
+            # start and for the stream backend's restore
+            lock = StartLock.acquire(conf.run_dir, args.domain)
         try:
-            handed = _start(args, dom, subject.policy, snap, where, lock)
+            if snap is not None:
+                target = check_host(subject.policy, snap, where)
+                if lock is not None:  # the hook's prepare leaves this check to start
+                    _audit(conf, domain, "prepare", "allowed", after=_regs(target))
+            done = start(
+                conn,
+                dom,
+                subject.policy,
+                snap,
+                timeout=args.timeout,
+                save_dir=save_dir,
+                lock=lock,
+            )
+        except HvcError as err:
+            outcome = "refused" if isinstance(err, Refused) else "error"
+            _audit(conf, domain, "start", outcome, reason=err.message)
+            raise
         finally:
             if lock is not None:
                 lock.release()
-        if handed:  # what the hook's recorder would have said
-            _audit(conf, domain, "started/recorder", "recorded-resumed")
-        sys.stdout.write(f"{args.domain}: started under policy {subject.policy.name!r}\n")
+        result = done.result
+        _audit(
+            conf,
+            domain,
+            "start",
+            done.outcome,
+            before=_regs(result.before),
+            after=_regs(result.applied_registers()),
+            backend=done.backend,
+        )
+        for note in done.notes + result.warnings:
+            sys.stderr.write(f"hvcpolicy: {args.domain}: {note}\n")
+        sys.stdout.write(
+            f"{args.domain}: started under policy {subject.policy.name!r} "
+            f"({done.outcome}, {done.backend} backend)\n"
+        )
     finally:
         conn.close()
     return EXIT_OK
-
-
-def _start(
-    args: argparse.Namespace, dom: Any, policy: Any, snap: Any, where: str, lock: Any
-) -> bool:
-    """Paused start, then (the hook's hand-over, else apply here) record, resume; on any
-    failure the domain is destroyed: it never ran. -> whether the hook handed over."""
-    from hvcpolicy import libvirt
-
-    host = snap.registers if snap is not None else None
-    libvirt.start_paused(dom)
-    try:
-        handed = lock.handed_over() if lock is not None else None
-        if handed is not None:  # the hook applied and verified on every vCPU
-            _check_hand_over(policy, handed, host, where)
-            element: str | None = handed.element
-        else:
-            element = _apply_here(args, dom, policy, snap, where)
-        if element is not None:
-            libvirt.set_policy_metadata(dom, element, live=True)
-        # handed over: no recorder was forked, so nobody else resumes it (no state round trip)
-        if handed is not None or libvirt.state(dom) == "paused":
-            libvirt.resume(dom)
-    except BaseException:
-        import contextlib
-
-        with contextlib.suppress(Unavailable):  # gone already: what failed is the error
-            libvirt.destroy(dom)
-        raise
-    return handed is not None
-
-
-def _check_hand_over(policy: Any, handed: Any, host: dict[int, int] | None, where: str) -> None:
-    """Plan again from what the hook read before its write, as it did, and hold its read-back
-    to that: what is recorded is what this policy makes of this guest on this host."""
-    from hvcpolicy.errors import Refused
-    from hvcpolicy.planner import plan_start, verify
-
-    plan = plan_start(policy, handed.before, host if host is not None else handed.before)
-    diffs = plan.refusals if not plan.ok else verify(plan.target, handed.after)
-    if diffs:
-        raise Refused(f"{where}: the hook's hand-over does not match: {'; '.join(diffs)}", diffs)
-
-
-def _apply_here(args: argparse.Namespace, dom: Any, policy: Any, snap: Any, where: str) -> Any:
-    """No hook handed anything over: apply over QMP here (or, when a hook already applied and
-    resumed, verify); -> the ``<hvc:policy>`` element to record, or None."""
-    from hvcpolicy import hook, libvirt
-    from hvcpolicy.domainxml import parse_domain
-
-    host = snap.registers if snap is not None else None
-    live = parse_domain(libvirt.domain_xml(dom), where)
-    sock = live.qmp_socket
-    if not sock:
-        raise Unavailable(f"{where} has no QMP socket for hvcpolicy: run `hvcpolicy attach`")
-    with _connect_qmp(sock, args.timeout) as qmp:
-        if qmp.runstate() == "prelaunch":
-            _, after = hook.apply_prelaunch(policy, qmp, host, where)
-        else:  # the hook applied, and its recorder resumed it already
-            after = qmp.read_every_vcpu()
-            _verify_applied(policy, after, host, where)
-    if live.meta is None:
-        return None
-    return hook.applied_element(live.meta, after, snap)
-
-
-def _same_inputs_as_hook(conf: Any, policy_dir_arg: str | None, snap_path: str) -> bool:
-    """Only a check made from what the hook's prepare would read may stand in for it."""
-    from hvcpolicy.policy import policy_dir
-
-    if conf is None:
-        return False
-    hook_dir: str = conf.policy_dir
-    hook_snap: str = conf.host_snapshot
-    same = os.path.realpath(policy_dir(policy_dir_arg)) == os.path.realpath(hook_dir)
-    return same and os.path.realpath(snap_path) == os.path.realpath(hook_snap)
 
 
 def _audit(conf: Any, domain: Any, stage: str, outcome: str, **fields: str) -> None:
@@ -363,6 +312,8 @@ def _audit(conf: Any, domain: Any, stage: str, outcome: str, **fields: str) -> N
     which did that part of the work."""
     from hvcpolicy import audit
 
+    if conf is None:
+        return
     line = {
         "domain": domain.name,
         "uuid": domain.uuid or "-",
@@ -373,21 +324,6 @@ def _audit(conf: Any, domain: Any, stage: str, outcome: str, **fields: str) -> N
     audit.record({**line, **fields, "by": "start"}, conf.audit_file)
 
 
-def _verify_applied(
-    policy: Any, live: dict[int, int], host: dict[int, int] | None, where: str
-) -> None:
-    from hvcpolicy.errors import Refused
-    from hvcpolicy.planner import plan_start, verify
-
-    # what a fresh guest on this host should have been left with (the host's snapshot), else
-    # at least that nothing the policy denies is still offered
-    base = host if host is not None else live
-    target = plan_start(policy, base).target
-    diffs = verify({rid: v for rid, v in target.items() if rid in live}, live)
-    if diffs:
-        raise Refused(f"{where} ran before hvcpolicy could apply: {'; '.join(diffs)}", diffs)
-
-
 def _regs(registers: dict[int, int]) -> str:
     from hvcpolicy.audit import regs_text
 
@@ -396,11 +332,11 @@ def _regs(registers: dict[int, int]) -> str:
 
 def _hook_config() -> Any:
     """The hook's config (its cache, policy dir, snapshot, run dir), None when unreadable."""
-    from hvcpolicy import hook
     from hvcpolicy.errors import HvcError
+    from hvcpolicy.hook.config import load_config
 
     try:
-        return hook.load_config()
+        return load_config()
     except HvcError:
         return None
 
@@ -408,158 +344,32 @@ def _hook_config() -> Any:
 def _cached_loader(conf: Any) -> Any:
     """Policies from the hook's validated cache when it holds them exactly as their files are
     now (the hook's own rules), else validated as before: no YAML or jsonschema on every start."""
-    from hvcpolicy.policycache import load_policy_cached
+    from hvcpolicy.policystore import resolve
 
     cache_dir = conf.cache_dir if conf is not None else None
-    return lambda ref, directory=None: load_policy_cached(ref, directory, cache_dir)
-
-
-def _connect_qmp(sock: str, timeout: float) -> Any:
-    from hvcpolicy.hook import HookQMP
-
-    return HookQMP(sock, timeout)
+    return lambda ref, directory=None: resolve(ref, directory, cache_dir)
 
 
 # --- install-hook -------------------------------------------------------------------------------
 
 
-def _template(pkgparent: str) -> str:
-    for pattern in HOOK_TEMPLATES:
-        path = pattern.format(pkgparent=pkgparent)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return f.read()
-    raise Unavailable(
-        "the hook script is not installed (looked in "
-        + ", ".join(p.format(pkgparent=pkgparent) for p in HOOK_TEMPLATES)
-        + ")"
-    )
-
-
-def _sh_quote(value: str) -> str:
-    return "'" + value.replace("'", "'\\''") + "'"
-
-
-def render_hook(
-    template: str, python: str, pkgparent: str, policy_dir: str, run_dir: str = "/run/hvcpolicy"
-) -> str:
-    import re
-
-    settings = {
-        "HVC_PYTHON": python,
-        "HVC_PKGDIR": pkgparent,
-        "HVC_POLICY_DIR": policy_dir,
-        "HVC_RUN_DIR": run_dir,
-    }
-    out = template
-    for key, value in settings.items():
-        out, n = re.subn(rf"^{key}=.*$", f"{key}={_sh_quote(value)}", out, count=1, flags=re.M)
-        if n != 1:
-            raise Unavailable(f"hook template has no {key}= line")
-    return out
-
-
-def _write_atomic(path: str, text: str, mode: int) -> None:
-    import tempfile
-
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".hvcpolicy-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_config(path: str, updates: dict[str, str | None]) -> dict[str, str]:
-    """Update (or create) the hook config with ``updates``; -> every value it now holds."""
-    from hvcpolicy.hook import DEFAULTS, parse_config
-
-    current: dict[str, str] = dict(DEFAULTS)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            current = parse_config(f.read(), path)
-    for key, value in updates.items():
-        if value is not None:
-            current[key] = value
-    lines = ["# hvcpolicy libvirt hook configuration (written by `hvcpolicy install-hook`)"]
-    lines += [f"{k} = {current[k]}" for k in DEFAULTS]
-    _write_atomic(path, "\n".join(lines) + "\n", 0o644)
-    return current
-
-
-def refresh_policy_cache(policy_dir: str, cache_dir: str) -> list[str]:
-    """Validate every policy in the directory into the hook's cache; -> the names cached."""
-    from hvcpolicy import policycache
-    from hvcpolicy.policy import EXTENSIONS, load_policy_file
-
-    names: list[str] = []
-    if not os.path.isdir(policy_dir):
-        return names
-    for entry in sorted(os.listdir(policy_dir)):
-        if entry.endswith(EXTENSIONS):
-            policy = load_policy_file(os.path.join(policy_dir, entry))
-            policycache.store(policy, policy_dir, cache_dir)
-            names.append(policy.name)
-    return names
-
-
-def reload_libvirtd(pid_file: str) -> str:
-    """SIGHUP the libvirtd of ``pid_file`` (checked to be libvirtd), so it finds the hook."""
-    try:
-        with open(pid_file, encoding="ascii") as f:
-            pid = int(f.read().strip() or "0")
-    except (OSError, ValueError):
-        return f"no libvirtd pid in {pid_file}: start (or restart) libvirtd to load the hook"
-    try:
-        with open(f"/proc/{pid}/comm", encoding="ascii") as f:
-            comm = f.read().strip()
-    except OSError:
-        return f"libvirtd ({pid_file}: {pid}) is not running: it finds the hook when it starts"
-    if comm not in ("libvirtd", "virtqemud"):
-        return f"{pid_file} names pid {pid} ({comm}), not libvirtd: not signalled"
-    import signal
-
-    os.kill(pid, signal.SIGHUP)
-    return f"{comm} (pid {pid}) reloaded"
-
-
 def cmd_install_hook(args: argparse.Namespace) -> int:
-    from hvcpolicy import hook
+    from hvcpolicy.hook.config import config_path
+    from hvcpolicy.hook.install import install_hook
     from hvcpolicy.policy import policy_dir
 
-    pkgparent = os.path.dirname(os.path.dirname(os.path.abspath(hook.__file__)))
     python = args.python or os.path.realpath(sys.executable)
-    conf_path = args.config or hook.config_path()
+    conf_path = args.config or config_path()
     fresh = args.policy_dir is not None or not os.path.exists(conf_path)
-    values = write_config(
-        conf_path,
-        {
-            "policy_dir": policy_dir(args.policy_dir) if fresh else None,
-            "host_snapshot": args.host_snapshot,
-            "cache_dir": args.cache_dir,
-            "audit_file": args.audit_file,
-            "qmp_timeout": args.qmp_timeout,
-            "run_dir": args.run_dir,
-        },
-    )
-    hook.load_config(conf_path)  # what the hook will read must parse and be trusted
-    os.makedirs(values["cache_dir"], mode=0o755, exist_ok=True)
-    cached = refresh_policy_cache(values["policy_dir"], values["cache_dir"])
-    script = render_hook(
-        _template(pkgparent), python, pkgparent, values["policy_dir"], values["run_dir"]
-    )
-    target = os.path.join(args.hooks_dir, "qemu.d", HOOK_NAME)
-    _write_atomic(target, script, 0o755)
-    out = [f"installed {target} (python {python}, package {pkgparent})", f"config {conf_path}"]
-    if cached:
-        out.append(f"policy cache {values['cache_dir']}: {', '.join(cached)}")
-    if not args.no_reload:
-        out.append(reload_libvirtd(args.pid_file))
+    updates = {
+        "policy_dir": policy_dir(args.policy_dir) if fresh else None,
+        "host_snapshot": args.host_snapshot,
+        "cache_dir": args.cache_dir,
+        "audit_file": args.audit_file,
+        "qmp_timeout": args.qmp_timeout,
+        "run_dir": args.run_dir,
+    }
+    pid_file = None if args.no_reload else args.pid_file
+    out = install_hook(args.hooks_dir, conf_path, python, updates, pid_file)
     sys.stdout.write("\n".join(out) + "\n")
     return EXIT_OK

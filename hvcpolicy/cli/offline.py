@@ -18,6 +18,7 @@ from hvcpolicy.cli.common import (
     subject_from_domain,
 )
 from hvcpolicy.errors import EXIT_INVALID, EXIT_OK, EXIT_REFUSED, InvalidInput
+from hvcpolicy.files import read_bounded
 from hvcpolicy.planner import (
     FeatureView,
     Plan,
@@ -35,7 +36,6 @@ from hvcpolicy.snapshot import (
     dumps,
     load_snapshot,
     parse_snapshot,
-    read_bounded,
     save_snapshot,
 )
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 
 from hvcpolicy.catalogue import is_firmware_reg
+from hvcpolicy.firmware import QMP_PROPERTY as PROPERTY
 from hvcpolicy.simulator.faults import Faults
 from hvcpolicy.simulator.vm import U64_MAX, KernelError, SimVM
 
-PROPERTY = "kvm-firmware-registers"
+__all__ = ["PROPERTY", "CommandError", "FirmwareRegisters"]
+
 PROPERTY_TYPE = "any"
 
 _ID = re.compile(r"^0x[0-9a-f]{16}$")

@@ -6,23 +6,26 @@
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
 _shtab_hvcpolicy_host_subparsers=(probe)
-_shtab_hvcpolicy_subparsers=(validate explain baseline check-migration matrix simulate host hook attach start install-hook apply diff status)
+_shtab_hvcpolicy_image_subparsers=(show)
+_shtab_hvcpolicy_subparsers=(validate explain baseline check-migration matrix simulate host hook attach start install-hook apply diff status image)
 
 _shtab_hvcpolicy_validate_option_strings=(-h --help --format -v --verbose --connect --policy-dir)
 _shtab_hvcpolicy_explain_option_strings=(-h --help --format -v --verbose --connect --policy-dir --policy --domain-xml --host)
 _shtab_hvcpolicy_baseline_option_strings=(-h --help --format -v --verbose --connect --policy-dir -o --output)
-_shtab_hvcpolicy_check_migration_option_strings=(-h --help --format -v --verbose --connect --policy-dir --policy --domain-xml --domain --to --from)
+_shtab_hvcpolicy_check_migration_option_strings=(-h --help --format -v --verbose --connect --policy-dir --policy --domain-xml --domain --image --to --from)
 _shtab_hvcpolicy_matrix_option_strings=(-h --help --format -v --verbose --connect --policy-dir --policy)
 _shtab_hvcpolicy_simulate_option_strings=(-h --help --format -v --verbose --connect --policy-dir --socket --kernel --vcpus --runstate --has-run --fault --upstream --no-psci-0-2 --protected --wa-levels)
 _shtab_hvcpolicy_host_probe_option_strings=(-h --help --format -v --verbose --connect --policy-dir -o --output)
 _shtab_hvcpolicy_host_option_strings=(-h --help)
 _shtab_hvcpolicy_hook_option_strings=(-h --help)
 _shtab_hvcpolicy_attach_option_strings=(-h --help --format -v --verbose --connect --policy-dir --policy --qmp-dir --qemu-user --qmp-socket --resume-after-apply)
-_shtab_hvcpolicy_start_option_strings=(-h --help --format -v --verbose --connect --policy-dir --timeout --host-snapshot)
+_shtab_hvcpolicy_start_option_strings=(-h --help --format -v --verbose --connect --policy-dir --timeout --host-snapshot --save-dir)
 _shtab_hvcpolicy_install_hook_option_strings=(-h --help --format -v --verbose --connect --policy-dir --hooks-dir --config --python --host-snapshot --cache-dir --audit-file --qmp-timeout --run-dir --pid-file --no-reload)
 _shtab_hvcpolicy_apply_option_strings=(-h --help --format -v --verbose --connect --policy-dir --policy --domain-xml --qmp --dry-run --resume --timeout)
 _shtab_hvcpolicy_diff_option_strings=(-h --help --format -v --verbose --connect --policy-dir --policy)
 _shtab_hvcpolicy_status_option_strings=(-h --help --format -v --verbose --connect --policy-dir --timeout)
+_shtab_hvcpolicy_image_show_option_strings=(-h --help --format -v --verbose --connect --policy-dir)
+_shtab_hvcpolicy_image_option_strings=(-h --help --format -v --verbose --connect --policy-dir)
 _shtab_hvcpolicy_option_strings=(-h --help --version)
 
 _shtab_hvcpolicy_diff_pos_0_COMPGEN=_shtab_compgen_files
@@ -44,7 +47,10 @@ _shtab_hvcpolicy_install_hook___format_choices=(text json)
 _shtab_hvcpolicy_apply___format_choices=(text json)
 _shtab_hvcpolicy_diff___format_choices=(text json)
 _shtab_hvcpolicy_status___format_choices=(text json)
-_shtab_hvcpolicy_pos_0_choices=(validate explain baseline check-migration matrix simulate host hook attach start install-hook apply diff status)
+_shtab_hvcpolicy_image_show___format_choices=(text json)
+_shtab_hvcpolicy_image_pos_0_choices=(show)
+_shtab_hvcpolicy_image___format_choices=(text json)
+_shtab_hvcpolicy_pos_0_choices=(validate explain baseline check-migration matrix simulate host hook attach start install-hook apply diff status image)
 
 _shtab_hvcpolicy_validate_pos_0_nargs=+
 _shtab_hvcpolicy_validate__h_nargs=0
@@ -113,6 +119,15 @@ _shtab_hvcpolicy_status__h_nargs=0
 _shtab_hvcpolicy_status___help_nargs=0
 _shtab_hvcpolicy_status__v_nargs=0
 _shtab_hvcpolicy_status___verbose_nargs=0
+_shtab_hvcpolicy_image_show__h_nargs=0
+_shtab_hvcpolicy_image_show___help_nargs=0
+_shtab_hvcpolicy_image_show__v_nargs=0
+_shtab_hvcpolicy_image_show___verbose_nargs=0
+_shtab_hvcpolicy_image_pos_0_nargs=A...
+_shtab_hvcpolicy_image__h_nargs=0
+_shtab_hvcpolicy_image___help_nargs=0
+_shtab_hvcpolicy_image__v_nargs=0
+_shtab_hvcpolicy_image___verbose_nargs=0
 _shtab_hvcpolicy_pos_0_nargs=A...
 _shtab_hvcpolicy__h_nargs=0
 _shtab_hvcpolicy___help_nargs=0

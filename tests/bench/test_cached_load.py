@@ -1,4 +1,4 @@
-"""policycache.load_policy_cached: what load_policy answers, from the validated cache when it holds
+"""policystore.resolve: what load_policy answers, from the validated cache when it holds
 the policy exactly as its file is now; never stale, never from an untrusted entry."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 
 from hvcpolicy.errors import InvalidInput
 from hvcpolicy.policy import load_policy
-from hvcpolicy.policycache import load_policy_cached, store
+from hvcpolicy.policystore import resolve as load_policy_cached
+from hvcpolicy.policystore import store
 from tests.conftest import EXAMPLES
 
 

@@ -12,14 +12,24 @@ import pytest
 from hvcpolicy import XMLNS
 from hvcpolicy import catalogue as cat
 from hvcpolicy.cli.daytwo import status_lines
+from hvcpolicy.compliance import differences as compliance_differences
+from hvcpolicy.compliance import reference
 from hvcpolicy.domainxml import Applied
-from hvcpolicy.libvirt_status import DRIFT, MATCH, Row, differences
-from hvcpolicy.policy import load_policy_file
+from hvcpolicy.libvirt_status import DRIFT, MATCH, Row
+from hvcpolicy.policy import Policy, load_policy_file
 from hvcpolicy.snapshot import load_snapshot
 from tests.conftest import EXAMPLES, REPO
 
 HOST_6_18 = load_snapshot(str(EXAMPLES / "hosts" / "neoverse-n1_linux-6.18.json")).registers
 FLEET = load_policy_file(str(EXAMPLES / "policies" / "fleet-2026.yaml"))
+
+
+def differences(
+    live: dict[int, int], applied: dict[int, int] | None, policy: Policy | None
+) -> list[str]:
+    """What status (and reconnect, and apply's verify) reports for one vCPU: the one rule."""
+    ref = reference(policy, live, applied)
+    return [] if ref is None else compliance_differences(ref, live)
 
 
 def test_a_guest_reading_its_record_matches() -> None:
@@ -30,7 +40,7 @@ def test_a_guest_reading_its_record_matches() -> None:
 def test_a_bit_the_record_lacks_is_drift() -> None:
     record = {**HOST_6_18, cat.VENDOR_HYP_BMAP: 0x1}
     assert differences(HOST_6_18, record, FLEET) == [
-        "VENDOR_HYP_BMAP (0x6030000000160002): expected 0x1, reads 0x3"
+        "VENDOR_HYP_BMAP (0x6030000000160002): reads 0x3, <hvc:applied> says 0x1"
     ]
 
 
@@ -53,9 +63,9 @@ def test_mitigation_levels_are_not_compared() -> None:
 def test_without_a_record_the_policy_plan_is_the_reference() -> None:
     # fleet-2026 denies pv-time and pins PSCI 1.1: the host's fresh values do not conform
     diffs = differences(HOST_6_18, None, FLEET)
-    assert "STD_HYP_BMAP (0x6030000000160001): reads 0x1, policy 'fleet-2026' wants 0x0" in diffs
+    assert "STD_HYP_BMAP (0x6030000000160001): reads 0x1, policy 'fleet-2026' says 0x0" in diffs
     assert (
-        "PSCI_VERSION (0x6030000000140000): reads 0x10003, policy 'fleet-2026' wants 0x10001"
+        "PSCI_VERSION (0x6030000000140000): reads 0x10003, policy 'fleet-2026' says 0x10001"
         in diffs
     )
     conforming = {**HOST_6_18, cat.STD_HYP_BMAP: 0, cat.PSCI_VERSION: cat.PSCI_1_1}
@@ -100,8 +110,8 @@ def _test_driver_domain(conn: Any, name: str, meta: str = "") -> str:
 
 
 def test_collect_on_libvirts_test_driver(monkeypatch: pytest.MonkeyPatch) -> None:
-    """libvirt's in-process test driver: no daemon, no QMP pass-through (so running managed
-    domains are unreachable), and a domain that vanishes while listed is left out."""
+    """libvirt's in-process test driver: no daemon, no QMP socket (so a running managed domain
+    has no interface hvcpolicy reads), and a domain that vanishes while listed is left out."""
     import libvirt
 
     from hvcpolicy import libvirt_status
@@ -120,8 +130,8 @@ def test_collect_on_libvirts_test_driver(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "gone-t" not in rows
     w = rows["web-t"]
     assert (w.state, w.policy, w.policy_source, w.live) == ("running", "fleet-2026", "domain",
-                                                            "unreachable")  # fmt: skip
-    assert "qemu-monitor-command" in w.detail
+                                                            "no-interface")  # fmt: skip
+    assert "no QMP socket for hvcpolicy" in w.detail
     i = rows["idle-t"]
     assert (i.state, i.id, i.policy, i.policy_source, i.live) == (
         "shut off", None, "default", "default", "-"
@@ -146,3 +156,67 @@ def test_status_exit_codes_by_priority() -> None:
     assert status_exit(rows("unreachable", "invalid")) == 4
     assert status_exit(rows("invalid", DRIFT, "unreachable")) == 3
     assert status_exit([]) == 0
+
+
+def test_status_and_reconnect_hold_a_guest_to_the_same_rule(tmp_path: Any) -> None:
+    """One compliance rule: a running guest whose record lacks a bitmap it still offers
+    (VENDOR_HYP_BMAP reads 0x3) is DRIFT for ``status`` and ``differs`` for the hook's
+    ``reconnect``; once reconnect logged it ``verified`` (it looked only at what the record
+    names) while status said DRIFT."""
+    import libvirt
+
+    from hvcpolicy import libvirt_status
+    from hvcpolicy.domainxml import render_policy, with_applied
+    from tests.hardening.simthread import run_hook, simulators
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "open.json").write_text(
+        '{"apiVersion": "hvcpolicy/v1", "kind": "FirmwarePolicy", "metadata": {"name": "open"},'
+        ' "spec": {"unknown": "allow"}}'
+    )
+    conf = tmp_path / "hook.conf"
+    conf.write_text(
+        f"policy_dir = {policies}\nhost_snapshot = {EXAMPLES / 'hosts/neoverse-n1_linux-6.18.json'}"
+        f"\ncache_dir = {tmp_path / 'cache'}\naudit_file = {tmp_path / 'audit.log'}\n"
+        "qmp_timeout = 2\n"
+    )
+    with simulators(1, vcpus=2, runstate="running") as [sim]:
+        record = {r: v for r, v in sim.fresh.items() if r != cat.VENDOR_HYP_BMAP}
+        assert sim.fresh[cat.VENDOR_HYP_BMAP] == 0x3
+        meta = parse_policy_element(sim.path)
+        element = render_policy(with_applied(meta, Applied("h", "6.18", "t", record)))
+        xml = (
+            f"<domain type='test'><name>drift-t</name><metadata>{element}</metadata>"
+            "<memory>131072</memory><vcpu>1</vcpu><os><type arch='aarch64'>hvm</type></os>"
+            "</domain>"
+        )
+        conn = libvirt.open("test:///default")
+        try:
+            dom = conn.defineXML(xml)
+            dom.create()
+            found = libvirt_status.collect("test:///default", str(policies), 2.0)
+            rows = {r.name: r for r in found}
+            live_xml = dom.XMLDesc(0)
+        finally:
+            conn.close()
+        hook = run_hook(str(conf), ["drift-t", "reconnect", "begin", "-"], live_xml.encode())
+    row = rows["drift-t"]
+    assert (row.live, row.via) == (DRIFT, "hvc:qmp")
+    assert row.detail == (
+        "VENDOR_HYP_BMAP (0x6030000000160002): reads 0x3, not in <hvc:applied> "
+        "(services the guest was never given)"
+    )
+    assert hook.rc == 0 and hook.stderr == ""
+    (line,) = [x for x in (tmp_path / "audit.log").read_text().splitlines() if "reconnect" in x]
+    assert "outcome=differs" in line and "services the guest was never given" in line
+
+
+def parse_policy_element(sock: str) -> Any:
+    from hvcpolicy.domainxml import parse_domain
+
+    xml = (
+        f'<domain><name>x</name><metadata><hvc:policy xmlns:hvc="{XMLNS}" ref="open">'
+        f'<hvc:qmp socket="{sock}"/></hvc:policy></metadata></domain>'
+    )
+    return parse_domain(xml.encode(), "test").meta

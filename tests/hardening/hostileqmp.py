@@ -1,4 +1,4 @@
-"""A hostile QMP server for fuzzing the two QMP clients (the hook's HookQMP and hvcpolicy.qmp).
+"""A hostile QMP server for fuzzing hvcpolicy's QMP client (hvcpolicy.qmp).
 
 It speaks just enough QMP to lead a client through an enforcement (greeting, capabilities,
 query-status, query-cpus-fast, qom-list, qom-get, qom-set, cont), and for each connection takes

@@ -128,14 +128,15 @@ def hvcpolicy(
     )
 
 
-HOOK_ENTRY = (
-    "import sys; from hvcpolicy import hook; hook.SYSTEM_CONF = sys.argv[1]; "
-    "sys.exit(hook.main(sys.argv[2:], sys.stdin.buffer))"
+HOOK_ENTRY = (  # this checkout's package, whatever else is installed
+    f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+    "from hvcpolicy.hook import config, entry; config.SYSTEM_CONF = sys.argv[1]; "
+    "sys.exit(entry.main(sys.argv[2:], sys.stdin.buffer))"
 )
 
 
 def hook_cmd(conf: str, *argv: str) -> list[str]:
-    """The hook's own entry (hvcpolicy.hook.main) with its config file pointed at ``conf``:
+    """The hook's own entry (hvcpolicy.hook.entry.main) with its config file pointed at ``conf``:
     as root the hook reads /etc/hvcpolicy/hook.conf, which a test must not touch."""
     return [sys.executable, "-c", HOOK_ENTRY, conf, *argv]
 

@@ -4,7 +4,7 @@
   in-process through ``cli.main.main`` (the bulk), and through real ``python -m hvcpolicy``
   processes (fewer): the exit code is one of 0, 3, 4; stderr has no traceback and every line is
   an ``hvcpolicy:`` line (one line, except validate's one line per problem).
-- the hook entry ``hvcpolicy.hook.main`` on fuzzed argv (stage names, extra words, huge and
+- the hook entry ``hvcpolicy.hook.entry.main`` on fuzzed argv (stage names, extra words, huge and
   binary arguments) and fuzzed domain XML on stdin: it returns 0 or 1 (what libvirt reads),
   writes at most one stderr line, nothing on stdout for migrate/restore, and never raises.
 """
@@ -203,9 +203,9 @@ def hook_conf() -> Iterator[str]:
 
 
 def test_hook_argv_and_stdin(hook_conf: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hvcpolicy import hook
+    from hvcpolicy.hook import config, entry
 
-    monkeypatch.setattr(hook, "SYSTEM_CONF", hook_conf)
+    monkeypatch.setattr(config, "SYSTEM_CONF", hook_conf)
     monkeypatch.delenv("HVC_XML_HEAD", raising=False)
     rng = random.Random(5)
     xmls = list(xml_inputs(2000, 17)) + list(mutated("xml", targets.XML_TOKENS, 1000, 18))
@@ -214,7 +214,7 @@ def test_hook_argv_and_stdin(hook_conf: str, monkeypatch: pytest.MonkeyPatch) ->
         argv = _argv(rng)
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as out:
-            rc = hook.main(argv, io.BytesIO(data))
+            rc = entry.main(argv, io.BytesIO(data))
         text = err.getvalue()
         if rc not in (0, 1):
             raise BadOutput(f"{argv}: exit {rc}")

@@ -1,4 +1,6 @@
-"""Fuzz the QMP replies both clients parse: the hook's HookQMP and hvcpolicy.qmp (``apply``).
+"""Fuzz the QMP replies hvcpolicy's one QMP client (hvcpolicy.qmp) parses, through both flows
+the hook and the CLI run over it: ``enforce`` (apply, start, the hook's ``started``) and
+``inspect`` (``reconnect``, ``status``).
 
 A hostile server (hostileqmp.py) answers each command correctly, or malformed, truncated,
 oversized, dripped a few bytes at a time, with a wrong id, out of order, preceded by a stray
@@ -24,25 +26,18 @@ TIMEOUT = 0.2
 assert HANG_SECONDS > 8 * TIMEOUT
 
 
-def _hook_session(path: str) -> None:
-    from hvcpolicy.hook import HookQMP
-    from hvcpolicy.planner import plan_start, verify
+def _inspect_session(path: str) -> None:
+    from hvcpolicy.enforce import inspect
+    from hvcpolicy.qmp import QMP
 
-    policy = operator_policies()[0]
-    with HookQMP(path, TIMEOUT) as qmp:
-        qmp.vcpus()
-        state = qmp.runstate()
-        before = qmp.read_all()
-        plan = plan_start(policy, before)
-        if state == "prelaunch" and plan.writes:
-            qmp.write(plan.writes)
-        verify(plan.target, qmp.read_every_vcpu())
+    with QMP(path, TIMEOUT) as qmp:
+        inspect(qmp, operator_policies()[0])
 
 
 def _apply_session(path: str) -> None:
-    from hvcpolicy.enforce import enforce
+    from hvcpolicy.enforce import enforce_at
 
-    enforce(path, operator_policies()[0], timeout=TIMEOUT, resume=True)
+    enforce_at(path, operator_policies()[0], timeout=TIMEOUT, resume=True)
 
 
 def _checked(session: object) -> object:
@@ -62,7 +57,7 @@ def _checked(session: object) -> object:
 
 SERVER: object = None
 
-CASES = {"hook": (_hook_session, 150), "apply": (_apply_session, 300)}
+CASES = {"inspect": (_inspect_session, 150), "apply": (_apply_session, 300)}
 
 
 @pytest.mark.parametrize("client", sorted(CASES))
@@ -79,10 +74,10 @@ def test_fuzz_qmp_replies(client: str) -> None:
     assert_clean(f"qmp-replies/{client}", fig)
 
 
-SESSIONS = {"hook": _hook_session, "apply": _apply_session}
+SESSIONS = {"inspect": _inspect_session, "apply": _apply_session}
 
 
-@pytest.mark.parametrize("client", ["apply", "hook"])
+@pytest.mark.parametrize("client", ["apply", "inspect"])
 def test_a_dripping_server_cannot_stretch_a_command_past_its_timeout(client: str) -> None:
     """Slow loris: every few bytes arrive within the timeout, the whole reply never does. The
     timeout bounds the command, not each recv."""

@@ -127,7 +127,7 @@ def _evil_pythonpath(tmp: Path) -> tuple[dict[str, str], Path]:
 
 
 def test_the_hook_entry_ignores_python_environment(tmp_path: Path) -> None:
-    """libvirt runs ``python3 -I -S .../hvcpolicy/hook.py``: -I ignores every PYTHON* variable
+    """libvirt runs ``python3 -I -S .../hvcpolicy/hook/entry.py``: -I ignores every PYTHON* variable
     and the user site; the hook reads its config from /etc (root), never from $HOME."""
     env, marker = _evil_pythonpath(tmp_path)
     env.pop("PYTHONHOME")  # would stop any interpreter from starting at all
@@ -138,7 +138,7 @@ def test_the_hook_entry_ignores_python_environment(tmp_path: Path) -> None:
             sys.executable,
             "-I",
             "-S",
-            str(REPO / "hvcpolicy/hook.py"),
+            str(REPO / "hvcpolicy/hook/entry.py"),
             "d",
             "reconnect",
             "begin",
@@ -191,18 +191,18 @@ def test_no_shell_sees_domain_strings() -> None:
     never a shell command line; domain-controlled text reaches it quoted by virsh's rules."""
     import ast
 
-    tree = ast.parse((REPO / "hvcpolicy/hook.py").read_text())
-    for node in ast.walk(tree):
+    trees = [ast.parse(p.read_text()) for p in (REPO / "hvcpolicy/hook").glob("*.py")]
+    for node in (n for tree in trees for n in ast.walk(tree)):
         if isinstance(node, ast.Call):
             name = ast.unparse(node.func)
             assert name not in ("os.system", "os.popen", "subprocess.getoutput"), name
             for kw in node.keywords:
                 if kw.arg == "shell":
                     assert isinstance(kw.value, ast.Constant) and kw.value.value is False
-    from hvcpolicy.hook import _virsh_quote
+    from hvcpolicy.hook.recorder import virsh_quote
 
     hostile = "x'; resume --domain other; echo '"
-    quoted = _virsh_quote([hostile])
+    quoted = virsh_quote([hostile])
     assert quoted == "'x'\\''; resume --domain other; echo '\\'''"
     assert os.linesep not in quoted
 

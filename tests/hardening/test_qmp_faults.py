@@ -70,8 +70,8 @@ SCENARIOS = [
     ("no-interface", ["no-interface"], 1, "QEMU without the interface (unsupported: refuse)"),
 ]
 
-# Known bugs of the hook's own QMP client (hvcpolicy/hook.py HookQMP), as strict xfails: the
-# marker must go once fixed. None now: HookQMP numbers its commands and drops stray replies.
+# Known bugs of the hook's QMP stages (hvcpolicy.qmp, the one client), as strict xfails: the
+# marker must go once fixed. None now.
 HOOK_BUGS: dict[str, str] = {}
 
 

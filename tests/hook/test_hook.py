@@ -1,4 +1,4 @@
-"""The hook without libvirt: ``hooks/qemu``'s shell pre-filter, and ``hvcpolicy/hook.py`` stage by
+"""The hook without libvirt: ``hooks/qemu``'s shell pre-filter, and ``hvcpolicy/hook/`` stage by
 stage, run the way libvirt runs them (a separate, isolated process; the XML on stdin) against
 ``hvcpolicy simulate``."""
 
@@ -10,12 +10,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from hvcpolicy import hook as hookmod
 from hvcpolicy.errors import InvalidInput
+from hvcpolicy.hook import config as hookconf
+from hvcpolicy.hook import entry as hookmod
 from hvcpolicy.simulator.harness import simulator_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,8 +63,8 @@ def env(tmp_path: Path) -> Path:
     (tmp_path / "run.py").write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "import hvcpolicy.hook as h\n"
-        f"h.SYSTEM_CONF = {str(tmp_path / 'hook.conf')!r}\n"
+        "import hvcpolicy.hook.config as c, hvcpolicy.hook.entry as h\n"
+        f"c.SYSTEM_CONF = {str(tmp_path / 'hook.conf')!r}\n"
         "sys.exit(h.main(sys.argv[1:], sys.stdin.buffer))\n"
     )
     return tmp_path
@@ -141,7 +141,7 @@ def test_sh_hands_python_the_whole_xml(sh_hook: Path, stage: str) -> None:
     d = sh_hook.parent
     argv = (d / "argv").read_text().splitlines()
     assert argv[:3] == ["-I", "-S", "-c"]
-    assert "from hvcpolicy.hook import main" in argv[3]
+    assert "from hvcpolicy.hook.entry import main" in argv[3]
     assert argv[4:] == ["/usr/lib/python3/dist-packages", "g1", stage, "begin", "-"]
     head, rest = (d / "head").read_text(), (d / "rest").read_text()
     assert head and head + rest == xml  # the shell read only what it needed, byte-exact
@@ -200,8 +200,8 @@ def test_fast_stages_import_no_heavy_modules(env: Path) -> None:
     probe.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "import hvcpolicy.hook as h\n"
-        f"h.SYSTEM_CONF = {str(env / 'hook.conf')!r}\n"
+        "import hvcpolicy.hook.config as c, hvcpolicy.hook.entry as h\n"
+        f"c.SYSTEM_CONF = {str(env / 'hook.conf')!r}\n"
         "rc = h.main(sys.argv[1:], sys.stdin.buffer)\n"
         "heavy = {'argparse', 'yaml', 'jsonschema', 'asyncio', 'libvirt', 'qemu', 'typing',\n"
         "         'dataclasses', 'site'}\n"
@@ -245,10 +245,26 @@ def test_started_running_refuses_with_the_fix_or_verifies(env: Path) -> None:
 
 
 def test_started_without_the_interface_refuses_or_warns(env: Path) -> None:
+    """A stock QEMU (no kvm-firmware-registers property): the stream backend reaches a guest
+    that can be saved; one that cannot (a VFIO host device) follows unsupported-qemu."""
     sock = str(env / "qmp.sock")
+    hostdev = domain("open", sock).replace(
+        "<devices>", "<devices><hostdev mode='subsystem' type='pci'/>"
+    )
     with simulator_process(sock, "6.18", "--fault", "no-interface"):
-        refused = run_hook(env, "started", domain("open", sock))
-    assert refused.returncode == 1 and "no kvm-firmware-registers property" in refused.stderr
+        refused = run_hook(env, "started", hostdev)
+        paused = run_hook(env, "started", domain("noptp", sock))
+        complies = run_hook(env, "started", domain("open", sock))
+    assert refused.returncode == 1
+    assert "no firmware-register interface and the guest cannot be saved" in refused.stderr
+    assert "host device (VFIO)" in refused.stderr and "unsupported-qemu: refuse" in refused.stderr
+    # prelaunch, no resume-after-apply: stays paused; the audit line says how to enforce
+    assert paused.returncode == 0, paused.stderr
+    line = [x for x in audit(env) if "outcome=paused-unenforced" in x]
+    assert line and "stage=started/prelaunch" in line[0]
+    assert "hvcpolicy start g1" in line[0] and "resume" in line[0]
+    assert complies.returncode == 0, complies.stderr
+    assert [x for x in audit(env) if "outcome=predicted" in x]
 
 
 def test_started_qmp_wait_is_bounded(env: Path) -> None:
@@ -271,12 +287,12 @@ def test_config_others_can_write_is_not_trusted(env: Path) -> None:
     conf = env / "hook.conf"
     conf.chmod(0o666)
     with pytest.raises(InvalidInput, match="not trusted"):
-        hookmod.load_config(str(conf))
+        hookconf.load_config(str(conf))
     conf.chmod(0o644)
-    assert hookmod.load_config(str(conf)).qmp_timeout == 2
+    assert hookconf.load_config(str(conf)).qmp_timeout == 2
     conf.write_text("bogus = 1\n")
     with pytest.raises(InvalidInput, match="line 1"):
-        hookmod.load_config(str(conf))
+        hookconf.load_config(str(conf))
 
 
 def test_unmanaged_domain_is_left_alone_even_by_python(env: Path) -> None:
@@ -287,8 +303,9 @@ def test_unmanaged_domain_is_left_alone_even_by_python(env: Path) -> None:
 
 
 def test_started_rides_out_stray_replies_and_still_writes_the_right_values(env: Path) -> None:
-    """Every HookQMP command carries its own id: a reply to nobody (another id) is skipped, not
-    taken as the answer (it was a KeyError, an internal error, before)."""
+    """Every QMP command carries its own id (qemu.qmp routes replies by it): a reply to nobody
+    (another id) is skipped, not taken as the answer (it was a KeyError, an internal error, in
+    the hook's own client before)."""
     sock = str(env / "qmp.sock")
     faults = ["--fault", "stray-reply@query-status", "--fault", "stray-reply@qom-get"]
     with simulator_process(sock, "6.18", "--vcpus", "2", *faults):
@@ -322,7 +339,7 @@ def test_stdin_is_read_bounded(env: Path, monkeypatch: pytest.MonkeyPatch) -> No
             assert 0 <= n <= (8 << 20) + 1, f"unbounded read({n})"
             return b" " * n
 
-    monkeypatch.setattr(hookmod, "SYSTEM_CONF", str(env / "hook.conf"))
+    monkeypatch.setattr(hookconf, "SYSTEM_CONF", str(env / "hook.conf"))
     stdin = Endless()
     assert hookmod.main(["g1", "prepare", "begin", "-"], stdin) == 1  # type: ignore[arg-type]
     assert stdin.asked == [(8 << 20) + 1]
@@ -332,34 +349,80 @@ def test_stdin_is_read_bounded(env: Path, monkeypatch: pytest.MonkeyPatch) -> No
 # --- the start lock (hvcpolicy/startlock.py): `hvcpolicy start` and the hook share one start ----
 
 
-def _hold(path: Path) -> int:
-    """Hold ``path``'s flock as ``hvcpolicy start`` does (the caller closes the fd)."""
+def _hold(path: Path, phase: str) -> int:
+    """Hold ``path``'s flock as ``hvcpolicy start`` does, in ``phase`` (the caller closes)."""
     import fcntl
 
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{phase}\n".encode(), 0)
     return fd
 
 
-def test_sh_prepare_leaves_a_held_start_lock_to_start(sh_hook: Path) -> None:
-    text = sh_hook.read_text().replace(
-        "HVC_RUN_DIR=/run/hvcpolicy", f"HVC_RUN_DIR={sh_hook.parent / 'run'}"
-    )
+def _sh_with_run_dir(sh_hook: Path) -> Path:
+    run = sh_hook.parent / "run"
+    text = sh_hook.read_text().replace("HVC_RUN_DIR=/run/hvcpolicy", f"HVC_RUN_DIR={run}")
     sh_hook.write_text(text)
-    lock = sh_hook.parent / "run" / "start" / "g1"
-    fd = _hold(lock)
+    return run / "start" / "g1"
+
+
+# (phase, stage) -> whether the sh pre-filter steps aside (no Python): what start drives
+STEPS_ASIDE = [
+    ("start", "prepare", True),
+    ("start", "started", True),
+    ("start", "restore", False),  # no restore in a start
+    ("restore", "restore", True),
+    ("restore", "prepare", True),
+    ("restore", "started", True),
+    ("busy", "prepare", False),  # someone else's start between start's own steps
+    ("busy", "started", False),
+    ("busy", "restore", False),
+    ("", "started", False),
+    ("nonsense", "prepare", False),
+]
+
+
+@pytest.mark.parametrize(("phase", "stage", "aside"), STEPS_ASIDE)
+def test_sh_steps_aside_only_for_what_a_held_start_lock_drives(
+    sh_hook: Path, phase: str, stage: str, aside: bool
+) -> None:
+    from hvcpolicy import startlock
+
+    lock = _sh_with_run_dir(sh_hook)
+    fd = _hold(lock, phase)
     try:
-        assert run_sh(sh_hook, "prepare", domain("fleet-2026")).returncode == 0
-        assert not (sh_hook.parent / "argv").exists()  # start checked: no Python
-        assert run_sh(sh_hook, "started", domain("fleet-2026")).returncode == 0
-        assert (sh_hook.parent / "argv").exists()  # started always enforces
+        assert run_sh(sh_hook, stage, domain("fleet-2026")).returncode == 0
+        assert (sh_hook.parent / "argv").exists() is not aside
+        # the hook's Python makes the same test, for when it runs anyway
+        run_dir = str(lock.parent.parent)
+        assert startlock.steps_aside(run_dir, "g1", stage) is aside
     finally:
         os.close(fd)
-    (sh_hook.parent / "argv").unlink()
-    # the lock died with its holder: prepare checks again
-    assert run_sh(sh_hook, "prepare", domain("fleet-2026")).returncode == 0
-    assert (sh_hook.parent / "argv").exists()
+
+
+def test_sh_runs_python_once_the_start_lock_died(sh_hook: Path) -> None:
+    from hvcpolicy import startlock
+
+    lock = _sh_with_run_dir(sh_hook)
+    os.close(_hold(lock, "start"))  # a start that is gone left its file behind
+    for stage in ("prepare", "started"):
+        (sh_hook.parent / "argv").unlink(missing_ok=True)
+        assert run_sh(sh_hook, stage, domain("fleet-2026")).returncode == 0
+        assert (sh_hook.parent / "argv").exists()
+        assert not startlock.steps_aside(str(lock.parent.parent), "g1", stage)
+
+
+def test_sh_ignores_a_start_lock_it_does_not_own(sh_hook: Path) -> None:
+    lock = _sh_with_run_dir(sh_hook)
+    fd = _hold(lock, "start")
+    try:
+        os.chown(lock, 65534, -1)
+        assert run_sh(sh_hook, "prepare", domain("fleet-2026")).returncode == 0
+        assert (sh_hook.parent / "argv").exists()  # Python ran the stage
+    finally:
+        os.close(fd)
 
 
 def _with_run_dir(env: Path) -> Path:
@@ -368,28 +431,22 @@ def _with_run_dir(env: Path) -> Path:
     return env / "run" / "start" / "g1"
 
 
-def _recorder_lines(env: Path) -> list[str]:
-    return [x for x in audit(env) if "stage=started/recorder" in x]
-
-
-def test_started_hands_what_it_applied_to_a_start_holding_the_lock(env: Path) -> None:
-    import time
-
+def test_python_hook_steps_aside_for_a_held_start_lock(env: Path) -> None:
     lock = _with_run_dir(env)
-    sock = str(env / "qmp.sock")
-    fd = _hold(lock)
+    fd = _hold(lock, "restore")
     try:
-        with simulator_process(sock, "6.18", "--vcpus", "2"):
-            done = run_hook(env, "started", domain("noptp", sock))
-            assert done.returncode == 0, done.stderr
-        handed = json.loads(os.pread(fd, 1 << 20, 0))
+        # no QMP socket, no simulator: a stage that ran would fail; it steps aside
+        done = run_hook(env, "started", domain("noptp", str(env / "nothing.sock")))
+        assert done.returncode == 0, done.stderr
     finally:
         os.close(fd)
-    assert handed["before"][str(0x6030000000160002)] == 0x3  # ptp offered by the kernel
-    assert handed["after"][str(0x6030000000160002)] == 0x1  # ptp denied, as written
-    assert handed["element"].startswith("<hvc:policy ") and "<hvc:applied " in handed["element"]
-    time.sleep(1.5)  # a recorder, had one been forked, logs within this (see the test below)
-    assert _recorder_lines(env) == []
+    assert not [x for x in audit(env) if "stage=started" in x]
+    done = run_hook(env, "started", domain("noptp", str(env / "nothing.sock")))
+    assert done.returncode == 1  # the lock died: the stage runs (and fails, no QMP here)
+
+
+def _recorder_lines(env: Path) -> list[str]:
+    return [x for x in audit(env) if "stage=started/recorder" in x]
 
 
 def test_started_forks_its_recorder_when_no_start_holds_the_lock(env: Path) -> None:
@@ -397,160 +454,10 @@ def test_started_forks_its_recorder_when_no_start_holds_the_lock(env: Path) -> N
 
     lock = _with_run_dir(env)
     sock = str(env / "qmp.sock")
-    os.close(_hold(lock))  # a start that is gone left its file behind
+    os.close(_hold(lock, "start"))  # a start that is gone left its file behind
     with simulator_process(sock, "6.18", "--vcpus", "2"):
         assert run_hook(env, "started", domain("noptp", sock)).returncode == 0
     deadline = time.monotonic() + 30
     while not _recorder_lines(env) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _recorder_lines(env), audit(env)  # no libvirtd here: it logs record-failed
-    assert lock.read_bytes() == b""  # and nothing was handed to the dead start
-
-
-# --- `started` served by `hvcpolicy start` (StartLock.serve): the sh pre-filter's call ---------
-
-
-def _sh_with_run_dir(sh_hook: Path, wait: int | None = None) -> str:
-    run = sh_hook.parent / "run"
-    text = sh_hook.read_text().replace("HVC_RUN_DIR=/run/hvcpolicy", f"HVC_RUN_DIR={run}")
-    if wait is not None:
-        text = text.replace("-w 120", f"-w {wait}")
-    sh_hook.write_text(text)
-    return str(run)
-
-
-def test_sh_started_is_answered_by_the_start_holding_the_lock(sh_hook: Path) -> None:
-    from hvcpolicy.startlock import StartLock
-
-    run = _sh_with_run_dir(sh_hook)
-    xml = domain("fleet-2026") + "<!--" + "x" * 200_000 + "-->\n"  # more than a pipe holds
-    got: list[bytes] = []
-
-    def handler(stdin: Any) -> tuple[int, str]:
-        got.append(stdin.read())
-        return 0, ""
-
-    with StartLock.acquire(run, "g1") as lock:  # type: ignore[union-attr]
-        assert lock.serve(handler)
-        done = run_sh(sh_hook, "started", xml)
-        assert done.returncode == 0 and done.stderr == "", done.stderr
-        assert got == [xml.encode()]  # the hook's own stdin, whole
-        assert not (sh_hook.parent / "argv").exists()  # no Python
-        # served once: a second call is not answered, and Python runs
-        assert run_sh(sh_hook, "started", xml).returncode == 0
-        assert (sh_hook.parent / "argv").exists()
-        d = sh_hook.parent
-        assert (d / "head").read_text() + (d / "rest").read_text() == xml
-    for sub in ("start", "call", "answer"):
-        assert os.listdir(os.path.join(run, sub)) == []  # everything removed on release
-
-
-@pytest.mark.parametrize(
-    ("answer", "rc", "stderr"),
-    [
-        ((1, "hvcpolicy: domain 'g1' refused: no"), 1, "hvcpolicy: domain 'g1' refused: no\n"),
-        (RuntimeError("boom"), 1, "internal error in `hvcpolicy start`: RuntimeError('boom')"),
-    ],
-)
-def test_sh_started_says_what_start_answered(
-    sh_hook: Path, answer: object, rc: int, stderr: str
-) -> None:
-    from hvcpolicy.startlock import StartLock
-
-    run = _sh_with_run_dir(sh_hook)
-
-    def handler(stdin: Any) -> tuple[int, str]:
-        stdin.read()
-        if isinstance(answer, Exception):
-            raise answer
-        return answer  # type: ignore[return-value]
-
-    with StartLock.acquire(run, "g1") as lock:  # type: ignore[union-attr]
-        assert lock.serve(handler)
-        done = run_sh(sh_hook, "started", domain("fleet-2026"))
-    assert (done.returncode, stderr in done.stderr) == (rc, True), done.stderr
-    assert not (sh_hook.parent / "argv").exists()  # the XML is consumed: refused, not retried
-
-
-def test_sh_started_runs_python_when_no_start_answers(sh_hook: Path) -> None:
-    run = _sh_with_run_dir(sh_hook)
-    # what a start killed after answering an earlier call leaves: its FIFO and its answer, with
-    # no lock held (the kernel dropped them with it)
-    os.makedirs(f"{run}/call", mode=0o700)
-    os.makedirs(f"{run}/answer", mode=0o700)
-    os.mkfifo(f"{run}/call/g1", 0o600)
-    Path(f"{run}/answer/g1").write_text("00000000-0000-0000-0000-000000000000 0\n")
-    xml = domain("fleet-2026")
-    done = run_sh(sh_hook, "started", xml)
-    assert done.returncode == 0, done.stderr
-    d = sh_hook.parent
-    assert (d / "head").read_text() + (d / "rest").read_text() == xml  # Python got it all
-
-
-def test_sh_started_refuses_when_start_never_answers(sh_hook: Path) -> None:
-    import fcntl
-
-    run = _sh_with_run_dir(sh_hook, wait=1)
-    os.makedirs(f"{run}/call", mode=0o700)
-    os.makedirs(f"{run}/answer", mode=0o700)
-    os.mkfifo(f"{run}/call/g1", 0o600)
-    fd = os.open(f"{run}/answer/g1", os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # a start that is alive and stuck
-    try:
-        done = run_sh(sh_hook, "started", domain("fleet-2026"))
-    finally:
-        os.close(fd)
-    assert done.returncode == 1
-    assert "did not answer the started stage" in done.stderr
-    assert not (sh_hook.parent / "argv").exists()  # it may still be writing: no second writer
-
-
-def test_start_serves_the_hooks_own_stage(env: Path) -> None:
-    """``hook.serve`` in start's process: the same stage, its audit line says so, the hand-over
-    reaches the lock, and nothing is forked."""
-    import io
-
-    from hvcpolicy.startlock import StartLock
-
-    lock_file = _with_run_dir(env)
-    sock = str(env / "qmp.sock")
-    conf = hookmod.load_config(str(env / "hook.conf"))
-    xml = domain("noptp", sock).encode()
-    with StartLock.acquire(str(lock_file.parent.parent), "g1") as lock:  # type: ignore[union-attr]
-        with simulator_process(sock, "6.18", "--vcpus", "2"):
-            rc, message = hookmod.serve(["g1", "started", "begin", "-"], io.BytesIO(xml), conf)
-        assert (rc, message) == (0, "")
-        handed = lock.handed_over()
-    assert handed is not None and handed.after[0x6030000000160002] == 0x1
-    applied = [x for x in audit(env) if "stage=started/prelaunch" in x]
-    assert len(applied) == 1 and "outcome=applied" in applied[0] and "by=start" in applied[0]
-    # the lock gone (start lost it): refused, never a recorder forked from start's process
-    with simulator_process(sock, "6.18", "--vcpus", "2"):
-        rc, message = hookmod.serve(["g1", "started", "begin", "-"], io.BytesIO(xml), conf)
-    assert rc == 1 and "the start lock was lost" in message
-    assert _recorder_lines(env) == []
-
-
-def test_serving_needs_a_place_only_this_user_can_write(tmp_path: Path) -> None:
-    from hvcpolicy.startlock import StartLock
-
-    run = tmp_path / "run"
-    with StartLock.acquire(str(run), "g1") as lock:  # type: ignore[union-attr]
-        (run / "answer").mkdir(mode=0o700)
-        os.chmod(run / "answer", 0o777)
-        assert not lock.serve(lambda stdin: (0, ""))
-        assert lock.server is None
-
-
-@pytest.mark.parametrize("foreign", ["call/g1", "answer/g1", "answer", "."])
-def test_sh_started_takes_no_answer_from_files_it_does_not_own(sh_hook: Path, foreign: str) -> None:
-    from hvcpolicy.startlock import StartLock
-
-    run = _sh_with_run_dir(sh_hook)
-    served: list[int] = []
-    with StartLock.acquire(run, "g1") as lock:  # type: ignore[union-attr]
-        assert lock.serve(lambda stdin: (served.append(1), (0, ""))[1])
-        os.chown(os.path.join(run, foreign), 65534, -1, follow_symlinks=False)
-        done = run_sh(sh_hook, "started", domain("fleet-2026"))
-    assert done.returncode == 0 and served == []
-    assert (sh_hook.parent / "argv").exists()  # Python ran the stage

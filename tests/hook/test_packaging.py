@@ -82,7 +82,7 @@ def test_deb_contents(deb: Path) -> None:
         "./etc/hvcpolicy/policies/",
         "./usr/share/hvcpolicy/schemas/policy.schema.json",
         "./usr/lib/python3/dist-packages/hvcpolicy/schemas/policy.schema.json",
-        "./usr/lib/python3/dist-packages/hvcpolicy/hook.py",
+        "./usr/lib/python3/dist-packages/hvcpolicy/hook/entry.py",
         "./lib/systemd/system/hvcpolicy-probe.service",
     ):
         assert path in files, path
@@ -185,4 +185,4 @@ def test_rpm_builds(tmp_path: Path) -> None:
         "/usr/share/hvcpolicy/schemas/policy.schema.json",
     ):
         assert path in files, path
-    assert "/site-packages/hvcpolicy/hook.py" in files
+    assert "/site-packages/hvcpolicy/hook/entry.py" in files

@@ -172,14 +172,23 @@ POLICIES: dict[str, dict[str, object]] = {
 
 
 def _copy_package(dest: Path) -> None:
+    import qemu.qmp
+
     shutil.copytree(
         REPO / "hvcpolicy", dest / "hvcpolicy", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    # qemu.qmp beside hvcpolicy, as the .deb ships it: the hook's Python (Debian's) has no
+    # package of it, and the hook's QMP stages speak QMP through it
+    shutil.copytree(
+        Path(qemu.qmp.__file__).resolve().parent.parent,
+        dest / "qemu",
+        ignore=shutil.ignore_patterns("__pycache__"),
     )
     (dest / "hooks").mkdir()
     shutil.copy2(REPO / "hooks" / "qemu", dest / "hooks" / "qemu")
     # byte-compiled, as a package install leaves it: a process that may not write bytecode
     # (PYTHONDONTWRITEBYTECODE, or another user) would compile every module on every run
-    run([HOOK_PYTHON, "-m", "compileall", "-q", str(dest / "hvcpolicy")])
+    run([HOOK_PYTHON, "-m", "compileall", "-q", str(dest / "hvcpolicy"), str(dest / "qemu")])
     for dirpath, _dirs, filenames in os.walk(dest):
         os.chmod(dirpath, 0o755)
         for name in filenames:

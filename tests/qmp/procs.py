@@ -5,7 +5,6 @@ Every process is stopped by its own pid (SIGTERM, then SIGKILL); every wait is b
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -16,7 +15,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from hvcpolicy.qmp import QMP, Registers
+from hvcpolicy.firmware import Registers
+from hvcpolicy.qmp import QMP
 
 REPO = Path(__file__).resolve().parents[2]
 QEMU = shutil.which("qemu-system-aarch64") or "qemu-system-aarch64"
@@ -141,11 +141,8 @@ def hvcpolicy(*args: str, stdin: str | None = None, limit: float = 60.0) -> Run:
 
 
 def qmp_commands(sock: Path, *commands: tuple[str, Mapping[str, object] | None]) -> list[object]:
-    async def go() -> list[object]:
-        async with QMP(str(sock), 5.0) as qmp:
-            return [await qmp.command(name, args) for name, args in commands]
-
-    return asyncio.run(go())
+    with QMP(str(sock), 5.0) as qmp:
+        return [qmp.command(name, args) for name, args in commands]
 
 
 def runstate(sock: Path) -> str:
@@ -158,12 +155,8 @@ def runstate(sock: Path) -> str:
 
 def registers(sock: Path) -> list[Registers]:
     """The firmware registers as every vCPU reads them."""
-
-    async def go() -> list[Registers]:
-        async with QMP(str(sock), 5.0) as qmp:
-            return await qmp.read_registers_all(await qmp.vcpus())
-
-    return asyncio.run(go())
+    with QMP(str(sock), 5.0) as qmp:
+        return qmp.read()
 
 
 def hexregs(values: Mapping[int, int]) -> dict[str, str]:

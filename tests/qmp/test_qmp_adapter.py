@@ -1,11 +1,17 @@
-"""The QMP adapter against hand-made QMP servers: bounds, error context, pipelining, parsing."""
+"""The QMP client against hand-made QMP servers: bounds, error context, pipelining, parsing.
+
+The servers run on an event loop of their own, in a background thread: the client is
+synchronous and owns its loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,34 +56,70 @@ async def serve(path: Path, handler: Handler | None, greet: bool = True) -> asyn
     return await asyncio.start_unix_server(client, str(path))
 
 
+@contextlib.contextmanager
+def served(path: Path, handler: Handler | None, greet: bool = True) -> Iterator[None]:
+    """``serve`` on a background thread's event loop for the length of the block."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(serve(path, handler, greet), loop).result(5)
+    try:
+        yield
+    finally:
+
+        async def stop() -> None:
+            server.close()
+            await asyncio.sleep(0)
+
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
 def reply(msg: dict[str, Any], value: object) -> dict[str, Any]:
     return {"return": value, "id": msg["id"]}
 
 
-def test_missing_socket(sockdir: Path) -> None:
-    async def go() -> None:
-        async with QMP(str(sockdir / "absent.qmp"), 1.0):
-            pass
+def test_missing_socket_is_retried_within_the_timeout(sockdir: Path) -> None:
+    start = time.monotonic()
+    with (
+        pytest.raises(QMPError, match=r"absent\.qmp: cannot connect: No such file"),
+        QMP(str(sockdir / "absent.qmp"), 0.5),
+    ):
+        pass
+    assert 0.4 < time.monotonic() - start < 1.5
 
-    with pytest.raises(QMPError, match=r"absent\.qmp: cannot connect: No such file"):
-        asyncio.run(go())
+
+def test_a_socket_that_appears_late_is_connected(sockdir: Path) -> None:
+    """QEMU (or a proxy in front of it) may still be creating the socket."""
+
+    async def status(msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        if msg["execute"] == "query-cpus-fast":  # asked with the first query-status
+            send(writer, reply(msg, [{"cpu-index": 0, "qom-path": "/cpu0"}]))
+        else:
+            send(writer, reply(msg, {"status": "prelaunch"}))
+
+    def later() -> None:
+        time.sleep(0.3)
+        with served(sockdir / "s", status):
+            time.sleep(1.5)
+
+    thread = threading.Thread(target=later)
+    thread.start()
+    try:
+        with QMP(str(sockdir / "s"), 1.0) as qmp:
+            assert qmp.runstate() == "prelaunch"
+    finally:
+        thread.join()
 
 
 def test_no_greeting_is_bounded(sockdir: Path) -> None:
-    async def go() -> float:
-        server = await serve(sockdir / "s", None, greet=False)
+    with served(sockdir / "s", None, greet=False):
         start = time.monotonic()
-        try:
-            async with QMP(str(sockdir / "s"), 0.5):
-                pass
-        except QMPTimeout as err:
-            assert "no QMP greeting" in str(err) and "0.5 s" in str(err)
-            return time.monotonic() - start
-        finally:
-            server.close()
-        raise AssertionError("connected to a server that never greets")
-
-    elapsed = asyncio.run(go())
+        with pytest.raises(QMPTimeout) as ei, QMP(str(sockdir / "s"), 0.5):
+            pass
+        elapsed = time.monotonic() - start
+    assert "no QMP greeting" in str(ei.value) and "0.5 s" in str(ei.value)
     assert 0.45 < elapsed < 1.5
 
 
@@ -85,19 +127,12 @@ def test_command_timeout_carries_what_was_sent(sockdir: Path) -> None:
     async def silent(msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         return None  # never answers
 
-    async def go() -> QMPTimeout:
-        server = await serve(sockdir / "s", silent)
-        try:
-            async with QMP(str(sockdir / "s"), 0.4) as qmp:
-                start = time.monotonic()
-                with pytest.raises(QMPTimeout) as ei:
-                    await qmp.runstate()
-                assert time.monotonic() - start < 1.0
-                return ei.value
-        finally:
-            server.close()
-
-    err = asyncio.run(go())
+    with served(sockdir / "s", silent), QMP(str(sockdir / "s"), 0.4) as qmp:
+        start = time.monotonic()
+        with pytest.raises(QMPTimeout) as ei:
+            qmp.runstate()
+        assert time.monotonic() - start < 1.0
+    err = ei.value
     assert err.sent == {"execute": "query-status"}
     assert err.received is None
     assert "no answer to 'query-status' within 0.4 s" in str(err)
@@ -118,16 +153,9 @@ def test_reads_are_pipelined(sockdir: Path) -> None:
                 index = int(m["arguments"]["path"].rsplit("[", 1)[1].rstrip("]"))
                 send(writer, reply(m, {f"0x{PSCI:016x}": 0x10000 + index}))
 
-    async def go() -> list[dict[int, int]]:
-        server = await serve(sockdir / "s", batch)
-        try:
-            async with QMP(str(sockdir / "s"), 2.0) as qmp:
-                vcpus = [VCPU(i, f"/machine/unattached/device[{i}]") for i in range(n)]
-                return await qmp.read_registers_all(vcpus)
-        finally:
-            server.close()
-
-    result = asyncio.run(go())
+    with served(sockdir / "s", batch), QMP(str(sockdir / "s"), 2.0) as qmp:
+        vcpus = [VCPU(i, f"/machine/unattached/device[{i}]") for i in range(n)]
+        result = qmp.read_registers(vcpus)
     assert result == [{PSCI: 0x10000 + i} for i in range(n)]
 
 
@@ -139,17 +167,21 @@ def test_write_sends_ordered_ids_and_reports_the_refusal(sockdir: Path) -> None:
         desc = f"{PROPERTY}: KVM_SET_ONE_REG 0x{VENDOR:016x}=0x4 failed: EINVAL"
         send(writer, {"error": {"class": "GenericError", "desc": desc}, "id": msg["id"]})
 
-    async def go() -> QMPError:
-        server = await serve(sockdir / "s", refuse)
-        try:
-            async with QMP(str(sockdir / "s"), 1.0) as qmp:
-                with pytest.raises(QMPError) as ei:
-                    await qmp.write_registers(VCPU(0, "/cpu0"), {VENDOR: 0x4, STD: 0, PSCI: 1})
-                return ei.value
-        finally:
-            server.close()
+    async def refuse_writes(msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        if msg["execute"] == "query-cpus-fast":
+            send(writer, reply(msg, [{"cpu-index": 0, "qom-path": "/cpu0"}]))
+        elif msg["execute"] == "qom-list":
+            send(writer, reply(msg, [{"name": PROPERTY, "type": "any"}]))
+        else:
+            await refuse(msg, writer)
 
-    err = asyncio.run(go())
+    with (
+        served(sockdir / "s", refuse_writes),
+        QMP(str(sockdir / "s"), 1.0) as qmp,
+        pytest.raises(QMPError) as ei,
+    ):
+        qmp.write({VENDOR: 0x4, STD: 0, PSCI: 1})
+    err = ei.value
     value = seen[0]["arguments"]["value"]
     assert list(value.items()) == [
         ("0x6030000000160002", 4),
@@ -170,17 +202,13 @@ def test_hangup_mid_reply(sockdir: Path) -> None:
         await writer.drain()
         writer.close()
 
-    async def go() -> None:
-        server = await serve(sockdir / "s", drop)
-        try:
-            async with QMP(str(sockdir / "s"), 2.0) as qmp:
-                await qmp.runstate()
-        finally:
-            server.close()
-
     start = time.monotonic()
-    with pytest.raises(QMPError, match="connection lost waiting for 'query-status'") as ei:
-        asyncio.run(go())
+    with (
+        served(sockdir / "s", drop),
+        QMP(str(sockdir / "s"), 2.0) as qmp,
+        pytest.raises(QMPError, match="connection lost waiting for 'query-status'") as ei,
+    ):
+        qmp.runstate()
     assert not isinstance(ei.value, QMPTimeout)
     assert time.monotonic() - start < 2.0
 
@@ -189,16 +217,12 @@ def test_empty_vcpu_list_is_an_error(sockdir: Path) -> None:
     async def none(msg: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         send(writer, reply(msg, []))
 
-    async def go() -> None:
-        server = await serve(sockdir / "s", none)
-        try:
-            async with QMP(str(sockdir / "s"), 1.0) as qmp:
-                await qmp.vcpus()
-        finally:
-            server.close()
-
-    with pytest.raises(QMPError, match="lists no vCPU") as ei:
-        asyncio.run(go())
+    with (
+        served(sockdir / "s", none),
+        QMP(str(sockdir / "s"), 1.0) as qmp,
+        pytest.raises(QMPError, match="lists no vCPU") as ei,
+    ):
+        qmp.vcpus()
     assert ei.value.received == []
 
 

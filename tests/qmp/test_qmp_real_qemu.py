@@ -7,30 +7,26 @@ interface is missing.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
 import pytest
 
 from hvcpolicy.errors import InterfaceMissing, QMPError
-from hvcpolicy.qmp import PROPERTY, QMP, VCPU
+from hvcpolicy.qmp import PROPERTY, QMP, VCPU, interface_at
 from tests.qmp.procs import qemu, qmp_commands
 
 
-def run(coro_fn, sock: Path, timeout: float = 5.0):  # type: ignore[no-untyped-def]
-    async def go():  # type: ignore[no-untyped-def]
-        async with QMP(str(sock), timeout) as qmp:
-            return await coro_fn(qmp)
-
-    return asyncio.run(go())
+def run(fn, sock: Path, timeout: float = 5.0):  # type: ignore[no-untyped-def]
+    with QMP(str(sock), timeout) as qmp:
+        return fn(qmp)
 
 
 def test_connect_and_vcpus(sockdir: Path) -> None:
     with qemu(sockdir, smp=3) as q:
 
-        async def look(qmp: QMP) -> tuple[str, list[VCPU]]:
-            return await qmp.runstate(), await qmp.vcpus()
+        def look(qmp: QMP) -> tuple[str, list[VCPU]]:
+            return qmp.runstate(), qmp.vcpus()
 
         state, vcpus = run(look, q.sock)
         assert state == "prelaunch"
@@ -43,45 +39,31 @@ def test_runstates_follow_qemu(sockdir: Path) -> None:
     monitor); the adapter reports each as QEMU does."""
     with qemu(sockdir) as q:
 
-        async def resume(qmp: QMP) -> tuple[str, str]:
-            before = await qmp.runstate()
-            await qmp.resume()
-            return before, await qmp.runstate()
+        def resume(qmp: QMP) -> tuple[str, str]:
+            before = qmp.runstate()
+            qmp.resume()
+            return before, qmp.runstate()
 
         assert run(resume, q.sock) == ("prelaunch", "running")
         qmp_commands(q.mon, ("stop", None))
 
-        async def state(qmp: QMP) -> str:
-            return await qmp.runstate()
-
-        assert run(state, q.sock) == "paused"
+        assert run(QMP.runstate, q.sock) == "paused"
 
 
 def test_inmigrate_runstate(sockdir: Path) -> None:
     with qemu(sockdir, incoming=True) as q:
-
-        async def state(qmp: QMP) -> str:
-            return await qmp.runstate()
-
-        assert run(state, q.sock) == "inmigrate"
+        assert run(QMP.runstate, q.sock) == "inmigrate"
 
 
 def test_interface_missing_is_detected(sockdir: Path) -> None:
     with qemu(sockdir, smp=2) as q:
-
-        async def detect(qmp: QMP) -> bool:
-            return await qmp.has_interface((await qmp.vcpus())[0])
-
         start = time.monotonic()
-        assert run(detect, q.sock, 2.0) is False
+        assert interface_at(str(q.sock), 2.0) is False
         assert time.monotonic() - start < 2.0
-
-        async def require(qmp: QMP) -> None:
-            await qmp.require_interface((await qmp.vcpus())[1])
-
+        # and the flow's read says so, before any qom-get
         with pytest.raises(InterfaceMissing, match="lacks the firmware-register interface") as ei:
-            run(require, q.sock)
-        assert "device[1]" in str(ei.value) and ei.value.exit_code == 5
+            run(QMP.read, q.sock)
+        assert str(q.sock) in str(ei.value) and ei.value.exit_code == 5
 
 
 def test_qom_get_error_carries_sent_and_received(sockdir: Path) -> None:
@@ -89,8 +71,8 @@ def test_qom_get_error_carries_sent_and_received(sockdir: Path) -> None:
     request and reply kept on the error."""
     with qemu(sockdir) as q:
 
-        async def read(qmp: QMP) -> object:
-            return await qmp.read_registers((await qmp.vcpus())[0])
+        def read(qmp: QMP) -> object:
+            return qmp.read_registers(qmp.vcpus()[:1])
 
         with pytest.raises(QMPError) as ei:
             run(read, q.sock)
@@ -112,8 +94,8 @@ def test_qom_get_error_carries_sent_and_received(sockdir: Path) -> None:
 def test_unknown_command_error(sockdir: Path) -> None:
     with qemu(sockdir) as q:
 
-        async def bad(qmp: QMP) -> object:
-            return await qmp.command("no-such-command")
+        def bad(qmp: QMP) -> object:
+            return qmp.command("no-such-command")
 
         with pytest.raises(QMPError) as ei:
             run(bad, q.sock)

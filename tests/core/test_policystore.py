@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hvcpolicy.policy import load_policy
-from hvcpolicy.policycache import load_cached, store
+from hvcpolicy.policystore import load_cached, store
 from tests.conftest import EXAMPLES
 
 
