@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 LAB = Path(__file__).resolve().parent
@@ -63,6 +64,10 @@ LIBVIRT_PACKAGES = (
     *("libnghttp3-9", "libngtcp2-16", "libngtcp2-crypto-gnutls8", "libpsl5t64", "librtmp1"),
     *("libssh2-1t64", "libjson-c5"),
 )
+# hvcpolicy's runtime dependencies that Debian trixie does not package (pyproject.toml's
+# [project] dependencies of these names): pure-Python wheels, fetched with pip and unpacked into
+# the rootfs's dist-packages.
+GUEST_WHEELS = ("qemu.qmp",)
 # The SMCCC probe guest (lab/guest/smccc/probe.s), assembled with the host's cross binutils.
 PROBE_SOURCE = LAB / "guest" / "smccc" / "probe.s"
 CROSS = "aarch64-linux-gnu-"
@@ -296,6 +301,7 @@ def build_rootfs(apt: Apt, mirror: str) -> None:
         shutil.rmtree(opt / opt_junk, ignore_errors=True)
     stamp.write_text(version + "\n")
     (BUILD / "libvirt.stamp").unlink(missing_ok=True)
+    (BUILD / "wheels.stamp").unlink(missing_ok=True)
 
 
 def add_libvirt(apt: Apt) -> None:
@@ -339,6 +345,30 @@ def add_libvirt(apt: Apt) -> None:
     log(f"libvirt {versions['libvirt0']} unpacked into the rootfs in {time.monotonic() - t:.0f} s")
 
 
+def add_wheels() -> None:
+    """GUEST_WHEELS, at the versions pyproject.toml asks for, into the rootfs."""
+    stamp = BUILD / "wheels.stamp"
+    pyproject = (LAB.parent / "pyproject.toml").read_text()
+    specs = []
+    for name in GUEST_WHEELS:
+        m = re.search(rf'"({re.escape(name)}[^"]*)"', pyproject)
+        if m is None:
+            raise SystemExit(f"lab-build: {name} is not a dependency in pyproject.toml")
+        specs.append(m.group(1))
+    if stamp.exists() and stamp.read_text() == "\n".join(specs) + "\n":
+        return
+    wheels = BUILD / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    pip = (sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:")
+    run([*pip, "--dest", str(wheels), *specs])
+    site = BUILD / "rootfs/usr/lib/python3/dist-packages"
+    for wheel in sorted(wheels.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(site)
+    stamp.write_text("\n".join(specs) + "\n")
+    log(f"wheels unpacked into the rootfs: {', '.join(p.name for p in wheels.glob('*.whl'))}")
+
+
 def build_probe() -> None:
     """lab/build/probe.bin: the SMCCC probe as a raw arm64 Image (QEMU -kernel boots it), and
     probe-hold.bin: the same without the final power-off (libvirt_start.py)."""
@@ -361,7 +391,8 @@ def build_probe() -> None:
 
 def pack_rootfs() -> None:
     out = BUILD / "rootfs.cpio.zst"
-    if out.exists() and out.stat().st_mtime >= (BUILD / "libvirt.stamp").stat().st_mtime:
+    newest = max((BUILD / f).stat().st_mtime for f in ("libvirt.stamp", "wheels.stamp"))
+    if out.exists() and out.stat().st_mtime >= newest:
         return
     t = time.monotonic()
     tmp = out.with_suffix(".tmp")
@@ -500,6 +531,7 @@ def main() -> int:
     kernels = [build_kernel(apt, *k) for k in KERNELS]
     build_rootfs(apt, mirror)
     add_libvirt(apt)
+    add_wheels()
     pack_rootfs()
     build_probe()
     assemble_initrds(kernels)

@@ -228,6 +228,7 @@ def locked(args: argparse.Namespace) -> int:
         (BUILD / "kernels.json").read_bytes()
         + (BUILD / "rootfs.stamp").read_bytes()
         + (BUILD / "libvirt.stamp").read_bytes()
+        + (BUILD / "wheels.stamp").read_bytes()
         + (BUILD / "probe.bin").read_bytes()
     ).hexdigest()
     done = done_before(build_id)

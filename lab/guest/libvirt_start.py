@@ -47,7 +47,7 @@ from hvcpolicy.policy import load_policy
 from hvcpolicy.snapshot import load_snapshot
 
 # How the domains are started: "hvcpolicy" (hvcpolicy start) or "virsh" (the same cycle by hand).
-START = "virsh"
+START = "hvcpolicy"
 POLICY = "lab-pinned"
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))

@@ -200,9 +200,13 @@ def libvirt_run(lab: dict[str, LabKernel], label: str) -> dict[str, Any]:
 
 
 def applied(element: str) -> dict[int, int]:
-    from hvcpolicy.domainxml import parse_domain
+    """The registers of ``<hvc:applied>`` in the live XML's ``<hvc:policy>`` element (libvirt
+    declares the namespace on ``<metadata>``, outside the element)."""
+    from hvcpolicy.domainxml import XMLNS, parse_domain
 
-    xml = f"<domain><name>x</name><metadata>{element}</metadata></domain>"
+    prefix = element[1 : element.index(":")]
+    xml = f'<domain><name>x</name><metadata xmlns:{prefix}="{XMLNS}">{element}</metadata></domain>'
+
     meta = parse_domain(xml, "live XML").meta
     assert meta is not None and meta.applied is not None, "no <hvc:applied> in the live XML"
     return dict(meta.applied.registers)
