@@ -10,11 +10,13 @@ hook (``hvcpolicy install-hook``), defines the probe domain for each QEMU of the
 through a wrapper script) and attaches it to the lab policy ``lab-pinned`` (``hvcpolicy attach``).
 Each domain is then started with the policy enforced on a stock QEMU (``START``):
 
-- ``hvcpolicy``: ``hvcpolicy start DOMAIN`` (save the never-run guest, patch, restore, resume);
-- ``virsh``: the same cycle by hand, with hvcpolicy's planner and image patcher: ``virsh start
+- ``hvcpolicy`` (the default): ``hvcpolicy start DOMAIN``, in its own process, as an operator runs
+  it (save the never-run guest, patch every vCPU, restore paused, read back, resume);
+- ``virsh``: the same cycle by hand, as ``../shared/reference/arm64-kvm-lab-libvirt.md`` §4 ran it
+  before ``hvcpolicy start`` could, with hvcpolicy's planner and image patcher: ``virsh start
   --paused``, ``virsh save --paused`` (sparse for QEMU >= 11, whose ``fd:`` restore of a raw
   image is gone), patch every vCPU, ``virsh restore --paused --xml`` with ``<hvc:applied>``,
-  ``virsh resume``.
+  ``virsh resume``. Kept to time the bare cycle against ``hvcpolicy start``.
 
 The domain runs ``probe-hold.bin``, which stays up after its last line, so the live XML can be
 read once the probe is done; then the job destroys the domain.
