@@ -224,13 +224,11 @@ def locked(args: argparse.Namespace) -> int:
             raise SystemExit(f"lab-run: not a lab kernel: {', '.join(sorted(unknown))}")
         releases = [r for r in releases if r in args.kernel]
     # A rebuilt lab (other kernels, rootfs or probe) invalidates every earlier answer.
-    build_id = hashlib.sha256(
-        (BUILD / "kernels.json").read_bytes()
-        + (BUILD / "rootfs.stamp").read_bytes()
-        + (BUILD / "libvirt.stamp").read_bytes()
-        + (BUILD / "wheels.stamp").read_bytes()
-        + (BUILD / "probe.bin").read_bytes()
-    ).hexdigest()
+    parts = ("kernels.json", "rootfs.stamp", "libvirt.stamp", "wheels.stamp", "probe.bin")
+    missing = [p for p in parts if not (BUILD / p).exists()]
+    if missing:
+        raise SystemExit(f"lab-run: lab/build lacks {', '.join(missing)}: run python3 lab/build.py")
+    build_id = hashlib.sha256(b"".join((BUILD / p).read_bytes() for p in parts)).hexdigest()
     done = done_before(build_id)
     todo = []
     for phase in phases:
