@@ -107,6 +107,7 @@ def enforce_paused(
     from hvcpolicy.enforce import UNSUPPORTED_WARNED, enforce, unsupported
     from hvcpolicy.firmware import STREAM_BACKEND
     from hvcpolicy.planner import plan_start
+    from hvcpolicy.savecycle import StreamFirmware
 
     name = str(libvirt.call("name", dom.name))
     where = f"domain {name!r}"
@@ -150,7 +151,15 @@ def enforce_paused(
             registers = result.applied_registers()
             recorded = applied_element(meta, registers, snap, fw.backend)
             libvirt.set_policy_metadata(getattr(fw, "dom", dom), recorded, live=True)
-        fw.resume()
+        if isinstance(fw, StreamFirmware):
+            fw.resume()  # through libvirt, then its images go
+        else:
+            # through libvirt, not QMP's `cont`: libvirt's own state is then "running" when
+            # start returns, not whenever it processes QEMU's RESUME event
+            fw_close = getattr(fw, "close", None)
+            if fw_close is not None:
+                fw_close()
+            libvirt.resume(dom)
         result.resumed = True
         return Outcome(result, [])
     except HvcError as err:

@@ -135,8 +135,9 @@ def paused_stock(lab: Lab, system_libvirtd: Daemon) -> Any:
         cleanup(name)
 
 
+@pytest.mark.parametrize("snapshot_first", [False, True])
 def test_the_cycle_writes_every_vcpu_and_reads_back_what_qemu_holds(
-    paused_stock: Any, save_dir: Path
+    paused_stock: Any, save_dir: Path, snapshot_first: bool
 ) -> None:
     """The mechanics with a value: TPIDR_EL0 patched in both vCPUs' lists of the saved image,
     restored paused, read back by a memory snapshot of the running QEMU. The read-back shows
