@@ -4,13 +4,16 @@
     python3 lab/build.py            # builds into lab/build/ (skips the steps already done)
     python3 lab/build.py --clean    # from scratch
 
-Result (lab/build/): ``rootfs.cpio.zst`` (Debian trixie arm64 minbase with python3 and QEMU),
-and for each kernel ``kernels/<release>/vmlinuz`` and ``kernels/<release>/initrd.img`` (the rootfs
+Result (lab/build/): ``rootfs.cpio.zst`` (Debian trixie arm64 minbase with python3, QEMU and
+libvirt), ``probe.bin`` and ``probe-hold.bin`` (the SMCCC probe guest, lab/guest/smccc/probe.s),
+and for each kernel
+``kernels/<release>/vmlinuz`` and ``kernels/<release>/initrd.img`` (the rootfs
 followed by a small cpio with ``/init`` and the 9p modules), listed in ``kernels.json``.
 
 arm64 packages come from a private apt configuration under lab/build/apt: the host's own apt
 sources are read (for the mirror URI) and never changed. Host tools: debootstrap,
-qemu-user-static, binfmt-support, cpio, kmod, zstd, qemu-system-arm (scripts/apt-packages.txt).
+qemu-user-static, binfmt-support, cpio, kmod, zstd, qemu-system-arm, binutils-aarch64-linux-gnu
+(scripts/apt-packages.txt).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 LAB = Path(__file__).resolve().parent
@@ -46,6 +50,27 @@ ROOTFS_PACKAGES = ("python3", "kmod", "python3-yaml", "python3-jsonschema", "qem
 EXTRA_QEMU_SUITE = "trixie-backports"
 EXTRA_QEMU_PACKAGES = ("qemu-system-arm", "qemu-system-common", "qemu-system-data")
 INITRD_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
+# libvirt in the rootfs, unpacked with dpkg-deb (../shared/reference/arm64-kvm-lab-libvirt.md,
+# route B): debootstrap cannot install it (systemd in the same batch), and a chroot apt-get costs
+# minutes. These are libvirtd, virtlogd, virsh, the qemu driver and python3-libvirt with the
+# libraries they link (readelf -d) that the rootfs lacks, at ROOTFS_SUITE's versions; the users
+# and groups their maintainer scripts would create are made by hand.
+LIBVIRT_PACKAGES = (
+    *("libvirt0", "libvirt-common", "libvirt-daemon", "libvirt-daemon-common"),
+    *("libvirt-daemon-log", "libvirt-daemon-driver-qemu", "libvirt-clients", "python3-libvirt"),
+    *("libxml2", "libtirpc3t64", "libtirpc-common", "dmidecode", "libapparmor1", "libssh-4"),
+    *("libcurl3t64-gnutls", "libbrotli1", "libcom-err2", "libgssapi-krb5-2", "libk5crypto3"),
+    *("libkeyutils1", "libkrb5-3", "libkrb5support0", "libldap2", "libnghttp2-14"),
+    *("libnghttp3-9", "libngtcp2-16", "libngtcp2-crypto-gnutls8", "libpsl5t64", "librtmp1"),
+    *("libssh2-1t64", "libjson-c5"),
+)
+# hvcpolicy's runtime dependencies that Debian trixie does not package (pyproject.toml's
+# [project] dependencies of these names): pure-Python wheels, fetched with pip and unpacked into
+# the rootfs's dist-packages.
+GUEST_WHEELS = ("qemu.qmp",)
+# The SMCCC probe guest (lab/guest/smccc/probe.s), assembled with the host's cross binutils.
+PROBE_SOURCE = LAB / "guest" / "smccc" / "probe.s"
+CROSS = "aarch64-linux-gnu-"
 
 INIT = r"""#!/bin/sh
 # hvcpolicy lab: mount the checkout shared over 9p and run the script the kernel command line names
@@ -168,6 +193,22 @@ class Apt:
                 return [d.split()[0].split(":")[0] for d in line[8:].replace("|", ",").split(",")]
         return []
 
+    def download_many(self, pkgs: dict[str, str], dest: Path) -> list[Path]:
+        """Several packages at given versions, in one apt-get call."""
+        dest.mkdir(parents=True, exist_ok=True)
+        run(
+            ["apt-get", "download", "-qq", *(f"{p}={v}" for p, v in pkgs.items())],
+            env=self.env,
+            cwd=dest,
+        )
+        debs = []
+        for pkg, version in pkgs.items():
+            found = list(dest.glob(f"{pkg}_{version.replace(':', '%3a')}_*.deb"))
+            if not found:
+                raise SystemExit(f"lab-build: download of {pkg}={version} left no .deb")
+            debs.append(found[0])
+        return debs
+
     def download(self, pkg: str, version: str, dest: Path) -> Path:
         dest.mkdir(parents=True, exist_ok=True)
         run(["apt-get", "download", "-qq", f"{pkg}={version}"], env=self.env, cwd=dest)
@@ -259,11 +300,99 @@ def build_rootfs(apt: Apt, mirror: str) -> None:
     for opt_junk in ("usr/share/doc", "usr/share/man"):
         shutil.rmtree(opt / opt_junk, ignore_errors=True)
     stamp.write_text(version + "\n")
+    (BUILD / "libvirt.stamp").unlink(missing_ok=True)
+    (BUILD / "wheels.stamp").unlink(missing_ok=True)
+
+
+def add_libvirt(apt: Apt) -> None:
+    """libvirt into the rootfs by dpkg-deb -x, plus what its maintainer scripts would do."""
+    stamp = BUILD / "libvirt.stamp"
+    if stamp.exists():
+        return
+    t = time.monotonic()
+    rootfs = BUILD / "rootfs"
+    debs = BUILD / "debs-libvirt"
+    versions = {pkg: apt.version_in(pkg, ROOTFS_SUITE) for pkg in LIBVIRT_PACKAGES}
+    for deb in apt.download_many(versions, debs):
+        run(["dpkg-deb", "-x", str(deb), str(rootfs)])
+
+    def chroot(*cmd: str) -> None:
+        run(["chroot", str(rootfs), *cmd])
+
+    chroot("groupadd", "-f", "--system", "kvm")
+    chroot("groupadd", "-f", "--system", "libvirt")
+    chroot("groupadd", "-f", "--system", "--gid", "64055", "libvirt-qemu")
+    known = subprocess.run(["chroot", str(rootfs), "id", "libvirt-qemu"], capture_output=True)
+    if known.returncode:
+        chroot(
+            *("useradd", "--system", "--uid", "64055", "--gid", "kvm", "--groups"),
+            *("libvirt-qemu", "--home-dir", "/var/lib/libvirt", "--no-create-home"),
+            *("--shell", "/usr/sbin/nologin", "libvirt-qemu"),
+        )
+    qemu_lib = rootfs / "var/lib/libvirt/qemu"
+    qemu_lib.mkdir(parents=True, exist_ok=True)
+    os.chown(qemu_lib, 64055, 64055)
+    qemu_lib.chmod(0o750)
+    for d in ("var/cache/libvirt", "var/cache/libvirt/qemu", "var/lib/libvirt/images"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+        (rootfs / d).chmod(0o711)
+    (rootfs / "etc/libvirt/qemu.conf").chmod(0o600)
+    chroot("ldconfig")
+    # debootstrap leaves its .deb files (57 MB) in the apt cache: a third of the initrd.
+    for junk in ("usr/share/doc", "usr/share/man", "usr/share/locale", "var/cache/apt/archives"):
+        shutil.rmtree(rootfs / junk, ignore_errors=True)
+    stamp.write_text(json.dumps(versions, indent=1) + "\n")
+    log(f"libvirt {versions['libvirt0']} unpacked into the rootfs in {time.monotonic() - t:.0f} s")
+
+
+def add_wheels() -> None:
+    """GUEST_WHEELS, at the versions pyproject.toml asks for, into the rootfs."""
+    stamp = BUILD / "wheels.stamp"
+    pyproject = (LAB.parent / "pyproject.toml").read_text()
+    specs = []
+    for name in GUEST_WHEELS:
+        m = re.search(rf'"({re.escape(name)}[^"]*)"', pyproject)
+        if m is None:
+            raise SystemExit(f"lab-build: {name} is not a dependency in pyproject.toml")
+        specs.append(m.group(1))
+    if stamp.exists() and stamp.read_text() == "\n".join(specs) + "\n":
+        return
+    wheels = BUILD / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    pip = (sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:")
+    run([*pip, "--dest", str(wheels), *specs])
+    site = BUILD / "rootfs/usr/lib/python3/dist-packages"
+    for wheel in sorted(wheels.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(site)
+    stamp.write_text("\n".join(specs) + "\n")
+    log(f"wheels unpacked into the rootfs: {', '.join(p.name for p in wheels.glob('*.whl'))}")
+
+
+def build_probe() -> None:
+    """lab/build/probe.bin: the SMCCC probe as a raw arm64 Image (QEMU -kernel boots it), and
+    probe-hold.bin: the same without the final power-off (libvirt_start.py)."""
+    source = PROBE_SOURCE.read_bytes()
+    stamp = BUILD / "probe.source"
+    outs = {"probe": [], "probe-hold": ["--defsym", "HOLD=1"]}
+    built = all((BUILD / f"{name}.bin").exists() for name in outs)
+    if built and stamp.exists() and stamp.read_bytes() == source:
+        return
+    work = BUILD / "probe"
+    work.mkdir(exist_ok=True)
+    for name, defs in outs.items():
+        obj, elf, out = work / f"{name}.o", work / f"{name}.elf", BUILD / f"{name}.bin"
+        run([f"{CROSS}as", *defs, "-o", str(obj), str(PROBE_SOURCE)])
+        run([f"{CROSS}ld", "-Ttext=0", "-o", str(elf), str(obj)])
+        run([f"{CROSS}objcopy", "-O", "binary", str(elf), str(out)])
+        log(f"{out.name} assembled ({out.stat().st_size} bytes)")
+    stamp.write_bytes(source)
 
 
 def pack_rootfs() -> None:
     out = BUILD / "rootfs.cpio.zst"
-    if out.exists():
+    newest = max((BUILD / f).stat().st_mtime for f in ("libvirt.stamp", "wheels.stamp"))
+    if out.exists() and out.stat().st_mtime >= newest:
         return
     t = time.monotonic()
     tmp = out.with_suffix(".tmp")
@@ -387,7 +516,8 @@ def main() -> int:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("lab-build: needs root (debootstrap, binfmt_misc)")
-    for tool in ("debootstrap", "cpio", "depmod", "zstd", "dpkg-deb", "qemu-system-aarch64"):
+    tools = ("debootstrap", "cpio", "depmod", "zstd", "dpkg-deb", "qemu-system-aarch64")
+    for tool in (*tools, f"{CROSS}as", f"{CROSS}ld", f"{CROSS}objcopy"):
         if shutil.which(tool) is None:
             raise SystemExit(f"lab-build: {tool} missing (bash scripts/setup.sh installs it)")
     if args.clean and BUILD.exists():
@@ -400,7 +530,10 @@ def main() -> int:
     apt.update()
     kernels = [build_kernel(apt, *k) for k in KERNELS]
     build_rootfs(apt, mirror)
+    add_libvirt(apt)
+    add_wheels()
     pack_rootfs()
+    build_probe()
     assemble_initrds(kernels)
     (BUILD / "kernels.json").write_text(json.dumps(kernels, indent=1) + "\n")
     log(f"lab ready in {time.monotonic() - t0:.0f} s: " + ", ".join(k["release"] for k in kernels))

@@ -5,6 +5,8 @@
     python3 lab/run.py --phase probe    # host probe + conformance + migration sources
     python3 lab/run.py --phase alt-cpu  # probe + conformance again on a cortex-a72 (nVHE, WA 0/0/0)
     python3 lab/run.py --phase migrate  # each kernel as the destination of every saved state
+    python3 lab/run.py --phase enforce  # the stream backend seen by the SMCCC probe guest,
+                                        # by QMP and through libvirtd (hvcpolicy start)
     python3 lab/run.py --kernel 6.1.0-50-arm64 --phase probe
 
 The checkout is shared with the guest over 9p (mount tag host0, at /mnt/host); a job script under
@@ -15,6 +17,8 @@ lab/build/jobs/ says what to run; results land in lab/build/out/<kernel release>
   load.json         every saved state loaded with -incoming on this kernel, and QEMU's verdict
   console-<phase>.log  the serial console
   cpu-cortex-a72/   host.json and conformance.json again, the host CPU a cortex-a72
+  enforce.json      per QEMU and lab policy: plan, patched stream, what KVM held, what the probe saw
+  libvirt.json      the probe domain started through libvirtd with the policy, and its live XML
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 LAB = Path(__file__).resolve().parent
 REPO = LAB.parent
@@ -63,6 +68,18 @@ echo $? >$O/conformance.rc
     "migrate": """
 python3 lab/guest/migrate.py load lab/build/out $O >$O/load.out 2>&1; echo $? >$O/load.rc
 """,
+    # One boot for both (a boot costs ~10 s): the stream backend by QMP, then through libvirtd.
+    "enforce": """
+python3 lab/guest/enforce.py $O >$O/enforce.out 2>&1; echo $? >$O/enforce.rc
+python3 lab/guest/libvirt_start.py $O >$O/libvirt.out 2>&1; echo $? >$O/libvirt.rc
+""",
+}
+# What each phase leaves (removed before it boots, so a failed boot never passes for a done one).
+STALE = {
+    "probe": ("probe.rc", "conformance.rc", "save.rc"),
+    "alt-cpu": (f"cpu-{ALT_CPU}/probe.rc", f"cpu-{ALT_CPU}/conformance.rc"),
+    "migrate": ("load.rc",),
+    "enforce": ("enforce.rc", "enforce.json", "libvirt.rc", "libvirt.json"),
 }
 
 
@@ -82,12 +99,7 @@ def boot(release: str, phase: str) -> float:
     jobs.mkdir(exist_ok=True)
     job = jobs / f"{phase}.sh"
     job.write_text(JOB_HEAD + JOBS[phase])
-    stale = {
-        "probe": ("probe.rc", "conformance.rc", "save.rc"),
-        "alt-cpu": (f"cpu-{ALT_CPU}/probe.rc", f"cpu-{ALT_CPU}/conformance.rc"),
-        "migrate": ("load.rc",),
-    }[phase]
-    for name in stale:
+    for name in STALE[phase]:
         (out / name).unlink(missing_ok=True)
     cmd = [
         "qemu-system-aarch64",
@@ -130,31 +142,57 @@ def boot(release: str, phase: str) -> float:
     return took
 
 
-# What the lab's answers depend on: when none of it changed, --if-stale reuses them.
-INPUTS = (
-    "lab/build.py",
-    "lab/run.py",
+# What each phase's answers depend on: when none of it changed, --if-stale reuses them. A
+# directory stands for every file under it. migrate loads what every probe boot saved, so it
+# depends on everything probe does.
+COMMON = ("lab/build.py", "lab/run.py")
+PROBE_INPUTS = (
     "lab/guest/conformance.py",
     "lab/guest/migrate.py",
     "hvcpolicy/kvm.py",
     "hvcpolicy/cli/host.py",
     "hvcpolicy/snapshot.py",
 )
+# The enforce phase runs hvcpolicy itself (planner, stream, explain, start, the hook).
+ENFORCE_INPUTS = ("lab/guest/smccc", "lab/guest/policies", "lab/guest/migrate.py", "hvcpolicy")
+INPUTS = {
+    "probe": PROBE_INPUTS,
+    "alt-cpu": PROBE_INPUTS,
+    "migrate": PROBE_INPUTS,
+    "enforce": ("lab/guest/enforce.py", "lab/guest/libvirt_start.py", *ENFORCE_INPUTS),
+}
 
 
-def inputs_digest() -> str:
+def inputs_digest(phase: str) -> str:
     h = hashlib.sha256()
-    for rel in INPUTS:
-        h.update(rel.encode() + b"\0" + (REPO / rel).read_bytes() + b"\0")
+    for rel in (*COMMON, *INPUTS[phase]):
+        path = REPO / rel
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            if "__pycache__" in f.parts:
+                continue
+            h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
 
-def up_to_date(digest: str) -> bool:
+def done_before(build_id: str) -> dict[str, Any]:
+    """The phases an earlier run of this very build completed on every kernel:
+    {phase: {"digest", "boots"}}."""
     try:
         done = json.loads((OUT / "timings.json").read_text())
     except (OSError, ValueError):
-        return False
-    return bool(done.get("digest") == digest and done.get("complete"))
+        return {}
+    if done.get("cpu") != CPU or done.get("build") != build_id:
+        return {}
+    phases = done.get("phases")
+    return phases if isinstance(phases, dict) else {}
+
+
+def write_done(phases: dict[str, Any], build_id: str) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    complete = all(isinstance(phases.get(p), dict) for p in JOBS)
+    doc = {"cpu": CPU, "build": build_id, "complete": complete, "phases": phases}
+    (OUT / "timings.json").write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def main() -> int:
@@ -176,11 +214,7 @@ def main() -> int:
 
 
 def locked(args: argparse.Namespace) -> int:
-    digest = inputs_digest()
-    if args.if_stale and up_to_date(digest):
-        print("lab-run: answers in lab/build/out are up to date with the lab's inputs")
-        return 0
-    (OUT / "timings.json").unlink(missing_ok=True)
+    phases = tuple(JOBS) if args.phase == "all" else (args.phase,)
     if not args.no_build:
         subprocess.run([sys.executable, str(LAB / "build.py")], check=True)
     releases = [k["release"] for k in kernels()]
@@ -189,15 +223,33 @@ def locked(args: argparse.Namespace) -> int:
         if unknown:
             raise SystemExit(f"lab-run: not a lab kernel: {', '.join(sorted(unknown))}")
         releases = [r for r in releases if r in args.kernel]
-    phases = tuple(JOBS) if args.phase == "all" else (args.phase,)
-    timings: dict[str, dict[str, float]] = {}
+    # A rebuilt lab (other kernels, rootfs or probe) invalidates every earlier answer.
+    parts = ("kernels.json", "rootfs.stamp", "libvirt.stamp", "wheels.stamp", "probe.bin")
+    missing = [p for p in parts if not (BUILD / p).exists()]
+    if missing:
+        raise SystemExit(f"lab-run: lab/build lacks {', '.join(missing)}: run python3 lab/build.py")
+    build_id = hashlib.sha256(b"".join((BUILD / p).read_bytes() for p in parts)).hexdigest()
+    done = done_before(build_id)
+    todo = []
     for phase in phases:
-        for release in releases:
-            timings.setdefault(release, {})[phase] = round(boot(release, phase), 1)
-    OUT.mkdir(parents=True, exist_ok=True)
-    complete = args.phase == "all" and not args.kernel
-    done = {"cpu": CPU, "digest": digest, "complete": complete, "boots": timings}
-    (OUT / "timings.json").write_text(json.dumps(done, indent=1) + "\n")
+        digest = inputs_digest(phase)
+        prev = done.get(phase)
+        fresh = isinstance(prev, dict) and prev.get("digest") == digest
+        # migrate loads what the probe boots save: new saves need new loads.
+        if phase == "migrate" and "probe" in [p for p, _ in todo]:
+            fresh = False
+        if args.if_stale and fresh:
+            print(f"lab-run: {phase}: up to date with its inputs, answers reused", flush=True)
+            continue
+        done.pop(phase, None)
+        todo.append((phase, digest))
+    for phase, digest in todo:
+        boots = {release: round(boot(release, phase), 1) for release in releases}
+        # Only a phase that ran on every kernel can be reused later.
+        if not args.kernel:
+            done[phase] = {"digest": digest, "boots": boots}
+        write_done(done, build_id)
+    write_done(done, build_id)
     return 0
 
 
