@@ -6,9 +6,7 @@ by its Popen handle."""
 from __future__ import annotations
 
 import contextlib
-import json
 import shlex
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,46 +19,29 @@ TIMEOUT = 60.0
 
 
 class QMP:
-    def __init__(self, path: str, proc: subprocess.Popen[bytes]) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"QEMU exited ({proc.returncode}) before its QMP socket")
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.sock.settimeout(TIMEOUT)
-        self.buf = b""
-        self._read()  # greeting
-        self.cmd("qmp_capabilities")
+    """The test's end of QEMU's monitor: hvcpolicy's one QMP client (qemu.qmp inside)."""
 
-    def _read(self) -> dict[str, Any]:
-        while b"\n" not in self.buf:
-            data = self.sock.recv(65536)
-            if not data:
-                raise AssertionError("QMP connection closed")
-            self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        msg: dict[str, Any] = json.loads(line)
-        return msg
+    def __init__(self, path: str, proc: subprocess.Popen[bytes]) -> None:
+        from hvcpolicy.qmp import QMP as Client
+
+        self.client = Client(path, TIMEOUT)  # connect() retries until QEMU listens
+        try:
+            self.client.connect()
+        except Exception:
+            if proc.poll() is not None:
+                raise AssertionError(f"QEMU exited ({proc.returncode}) before its QMP") from None
+            raise
 
     def cmd(self, name: str, **arguments: Any) -> Any:
-        req: dict[str, Any] = {"execute": name}
-        if arguments:
-            req["arguments"] = arguments
-        self.sock.sendall(json.dumps(req).encode() + b"\n")
-        while True:
-            msg = self._read()
-            if "return" in msg:
-                return msg["return"]
-            if "error" in msg:
-                raise RuntimeError(f"{name}: {msg['error'].get('desc')}")
+        from hvcpolicy.errors import QMPError
+
+        try:
+            return self.client.command(name, arguments or None)
+        except QMPError as err:
+            raise RuntimeError(f"{name}: {err}") from None
+
+    def close(self) -> None:
+        self.client.close()
 
     def wait_migration(self) -> dict[str, Any]:
         deadline = time.monotonic() + TIMEOUT
@@ -122,6 +103,9 @@ def qemu(
                 with contextlib.suppress(Exception):
                     if guest.qmp is not None:
                         guest.qmp.cmd("quit")
+            if guest.qmp is not None:
+                with contextlib.suppress(Exception):
+                    guest.qmp.close()
                 try:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
