@@ -116,7 +116,7 @@ def resolve(
         cached = load_cached(ref, policy_dir(directory), cache_dir)
         if cached is not None:
             return cached
-    _enable_site()
+    enable_site()
     from hvcpolicy.policy import load_policy
 
     try:
@@ -134,9 +134,10 @@ def resolve(
     return policy
 
 
-def _enable_site() -> None:
-    """The slow path under the hook's ``-S``: site-packages (yaml, jsonschema) for a policy the
-    cache does not hold. ``hvcpolicy`` itself is already imported, so it stays this package."""
+def enable_site() -> None:
+    """The slow paths under the hook's ``-S``: site-packages for what only they hold (yaml and
+    jsonschema for a policy the cache does not hold; qemu.qmp, libvirt-python where the system
+    installs them there). ``hvcpolicy`` itself is already imported, so it stays this package."""
     import sys
 
     if sys.flags.no_site and "site" not in sys.modules:

@@ -441,9 +441,9 @@ def _import_qemu_qmp() -> None:
     try:
         import qemu.qmp
     except ImportError:
-        from hvcpolicy.policystore import _enable_site
+        from hvcpolicy.policystore import enable_site
 
-        _enable_site()
+        enable_site()
         try:
             import qemu.qmp  # noqa: F401 - imported for its side effect: importable now
         except ImportError as err:

@@ -93,9 +93,9 @@ def started_stock(hook: Hook, policy: Policy, state: str) -> int:
 
 def _enforce_in_child(hook: Hook, policy: Policy) -> int:
     """The detached child: the stream cycle on the guest libvirt started paused."""
-    from hvcpolicy.policystore import _enable_site
+    from hvcpolicy.policystore import enable_site
 
-    _enable_site()  # libvirt-python is a site package; the hook runs under -S
+    enable_site()  # libvirt-python is a site package; the hook runs under -S
     from hvcpolicy import libvirt
     from hvcpolicy.hook.recorder import libvirt_uri
     from hvcpolicy.savecycle import default_dir, image_dir
