@@ -16,7 +16,7 @@ from hvcpolicy.record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable
     from typing import Any
 
 API_VERSION = "hvcpolicy/v1"
@@ -223,7 +223,3 @@ def baseline(snaps: Iterable[Snapshot]) -> Snapshot:
     for snap in items:
         result = meet(result, snap)
     return result
-
-
-def with_registers(snap: Snapshot, registers: Mapping[int, int]) -> Snapshot:
-    return snap.replace(registers=dict(registers))

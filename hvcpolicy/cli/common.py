@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from hvcpolicy.domainxml import Domain, parse_domain
-from hvcpolicy.errors import InvalidInput, UsageError
+from hvcpolicy.errors import UsageError
 from hvcpolicy.files import MAX_FILE, read_bounded
 from hvcpolicy.merge import merge
 from hvcpolicy.policy import DEFAULT_NAME, Policy, load_policy, policy_dir, policy_path
@@ -88,8 +88,3 @@ def emit_json(doc: Any) -> None:
     import json
 
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-
-
-def require_files(paths: list[str], what: str) -> None:
-    if not paths:
-        raise InvalidInput(f"no {what} given")
